@@ -3,7 +3,8 @@
 Shape letters: N positions of a sequence, P image patches, C=3 patch channels,
 S=16 patch side.
 
-Vocabulary (Gato layout, the default, ``discrete_offset="shared"``)::
+Vocabulary (Gato layout, the default, ``discrete_offset="shared"``; ``text_vocab`` is the
+SentencePiece model's size — 8192 for the shipped model, 32000 in Gato)::
 
     [0, text_vocab)                       SentencePiece text ids
     [0, 1024)                             discrete values (share ids with text, as in Gato)
@@ -59,7 +60,7 @@ ACTION_LOCAL_POS = -1
 class VocabLayout:
     """Where each kind of value lives in the shared token-id space."""
 
-    text_vocab_size: int = 32000
+    text_vocab_size: int = 8192  # the shipped SentencePiece model; Gato used 32000
     num_bins: int = NUM_BINS
     discrete_offset: Literal["shared", "separate"] = "shared"
 
@@ -123,7 +124,7 @@ class TokenSequence:
 
     tokens     (N,) int64   token id; 0 at image positions (the patch is the input there)
     kinds      (N,) int8    ``Kind`` of the position
-    local_pos  (N,) int16   index within the timestep's observation; ``ACTION_LOCAL_POS``
+    local_pos  (N,) int32   index within the timestep's observation; ``ACTION_LOCAL_POS``
                             (-1) for the separator and actions; text documents count up
     loss_mask  (N,) bool    True only for text and action tokens
     timestep   (N,) int32   timestep index within its episode (-1 for padding)
@@ -158,7 +159,7 @@ class TokenSequence:
     @classmethod
     def empty(cls) -> "TokenSequence":
         return cls(tokens=np.zeros(0, np.int64), kinds=np.zeros(0, np.int8),
-                   local_pos=np.zeros(0, np.int16), loss_mask=np.zeros(0, bool),
+                   local_pos=np.zeros(0, np.int32), loss_mask=np.zeros(0, bool),
                    timestep=np.zeros(0, np.int32), image_rc=np.zeros((0, 4), np.float32),
                    patches=np.zeros((0, PATCH_CHANNELS, PATCH_SIZE, PATCH_SIZE), np.float32))
 
@@ -186,7 +187,7 @@ class TokenSequence:
         k = length - n
         pad = TokenSequence(
             tokens=np.full(k, layout.pad_id, np.int64), kinds=np.full(k, Kind.PAD, np.int8),
-            local_pos=np.zeros(k, np.int16), loss_mask=np.zeros(k, bool),
+            local_pos=np.zeros(k, np.int32), loss_mask=np.zeros(k, bool),
             timestep=np.full(k, -1, np.int32), image_rc=np.zeros((k, 4), np.float32),
             patches=np.zeros((0, PATCH_CHANNELS, PATCH_SIZE, PATCH_SIZE), np.float32))
         return TokenSequence.concat([self, pad])

@@ -1,0 +1,60 @@
+"""The one command line, ``moe-gato``; each subcommand is thin over importable functions.
+
+    moe-gato demo                                   # the main job on the built-in default
+    moe-gato build-text-tokenizer --vocab-size 8192 --out moe_gato/assets/text_8192.model
+    moe-gato tokenize --env BabyAI-GoToLocal-v0 --steps 2
+    moe-gato collect --suite default --out data/
+    python -m moe_gato.cli --help
+
+Nothing runs at import time; subcommands import their modules when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: subcommand -> (module, function adding arguments, function running it, help)
+SUBCOMMANDS = {
+    "demo": ("moe_gato.demo", "add_arguments", "run", "run the main job on the built-in default"),
+    "tokenize": ("moe_gato.demo", "add_tokenize_arguments", "run_tokenize",
+                 "tokenize a real expert episode and print its token sequence"),
+    "build-text-tokenizer": ("moe_gato.tokenizer.cli", "add_arguments", "run",
+                             "train the SentencePiece text model on the project's corpus"),
+    "collect": ("moe_gato.data.cli", "add_collect_arguments", "run_collect",
+                "collect expert demonstrations into HF datasets on disk"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-gato", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, add, _, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        try:
+            getattr(importlib.import_module(module), add)(p)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                p.set_defaults(_missing=f"{name} is not available in this checkout ({exc})")
+                continue
+            raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    missing = getattr(args, "_missing", None)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+    module, _, run, _ = SUBCOMMANDS[args.command]
+    try:
+        return int(getattr(importlib.import_module(module), run)(args) or 0)
+    except ValueError as exc:  # bad input: a clear message, no traceback
+        print(f"moe-gato {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
