@@ -1,0 +1,292 @@
+"""The Gato transformer: embeddings, attention, block, model — top to bottom.
+
+Shape letters: B batch, L positions of this call, S positions in the KV cache (past and
+present), D width, H heads, Dh head width, V vocabulary, P image patches in the batch,
+C patch channels. T = B * L flattened positions.
+
+Batch format: ``moe_gato.tokenizer.layout.collate``. Logits at position i predict token
+i + 1; the loss counts position i + 1 when ``loss_mask[i + 1]`` (text and actions only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_gato.model.config import ModelConfig
+from moe_gato.model.moe import FeedForward, GroupRouting, ModalityRoutedMoE, init_moe_
+from moe_gato.tokenizer.layout import ACTION_KINDS, ACTION_LOCAL_POS, LOSS_KINDS, Kind
+
+
+class PatchEmbedding(nn.Module):
+    """A 16x16 patch -> D through one ResNet-v2 (pre-activation) block: a 4x4/stride-4
+    stem to (C, 4, 4), then GroupNorm-GELU-conv3x3 twice plus the skip, then a linear map."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, groups = cfg.patch_channels, cfg.patch_norm_groups
+        self.stem = nn.Conv2d(3, C, kernel_size=4, stride=4, bias=False)
+        self.norm1, self.norm2 = nn.GroupNorm(groups, C), nn.GroupNorm(groups, C)
+        self.conv1 = nn.Conv2d(C, C, kernel_size=3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(C, C, kernel_size=3, padding=1, bias=False)
+        self.out = nn.Linear(C * 16, cfg.d_model, bias=False)
+
+    def forward(self, patches_P3SS: torch.Tensor) -> torch.Tensor:
+        h_PC44 = self.stem(patches_P3SS)
+        r_PC44 = self.conv1(F.gelu(self.norm1(h_PC44)))
+        h_PC44 = h_PC44 + self.conv2(F.gelu(self.norm2(r_PC44)))
+        return self.out(h_PC44.flatten(1))  # (P, D)
+
+
+class GatoEmbedding(nn.Module):
+    """Token table for every id; image positions take their patch embedding plus row and
+    column embeddings; every position adds its local position (shared one for actions)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.patches = PatchEmbedding(cfg)
+        self.rows = nn.Embedding(cfg.position_bins, cfg.d_model)
+        self.cols = nn.Embedding(cfg.position_bins, cfg.d_model)
+        self.local_pos = nn.Embedding(cfg.max_local_positions, cfg.d_model)
+        self.action_pos_D = nn.Parameter(torch.zeros(cfg.d_model))
+
+    def _bins(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Interval [lo, hi) in [0, 1] -> bin: uniform within it at training, mean at eval."""
+        u = lo + torch.rand_like(lo) * (hi - lo) if self.training else (lo + hi) / 2
+        return (u * self.cfg.position_bins).long().clamp(0, self.cfg.position_bins - 1)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        kinds_BL, local_pos_BL = batch["kinds"], batch["local_pos"]
+        x_BLD = self.tokens(batch["tokens"])
+        is_image_BL = kinds_BL == Kind.IMAGE
+        if batch.get("patches") is not None and batch["patches"].shape[0] > 0:
+            rc_P4 = batch["image_rc"][is_image_BL]
+            image_PD = (self.patches(batch["patches"].to(x_BLD.dtype))
+                        + self.rows(self._bins(rc_P4[:, 0], rc_P4[:, 1]))
+                        + self.cols(self._bins(rc_P4[:, 2], rc_P4[:, 3])))
+            x_BLD = x_BLD.masked_scatter(is_image_BL.unsqueeze(-1), image_PD)
+        if int(local_pos_BL.max()) >= self.cfg.max_local_positions:
+            raise ValueError(f"local position {int(local_pos_BL.max())} >= "
+                             f"max_local_positions ({self.cfg.max_local_positions})")
+        is_action_BL1 = (local_pos_BL == ACTION_LOCAL_POS).unsqueeze(-1)
+        pos_BLD = torch.where(is_action_BL1, self.action_pos_D,
+                              self.local_pos(local_pos_BL.clamp(min=0)))
+        return x_BLD + pos_BLD
+
+
+class KVCache:
+    """Per-layer keys and values of every position seen so far, (B, H, S, Dh) each."""
+
+    def __init__(self, num_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return self.layer_length(0)
+
+    def layer_length(self, layer: int) -> int:
+        return 0 if self.k[layer] is None else self.k[layer].shape[2]
+
+    def append(self, layer: int, k_BHLd: torch.Tensor, v_BHLd: torch.Tensor):
+        if self.k[layer] is not None:
+            k_BHLd = torch.cat([self.k[layer], k_BHLd], dim=2)
+            v_BHLd = torch.cat([self.v[layer], v_BHLd], dim=2)
+        self.k[layer], self.v[layer] = k_BHLd, v_BHLd
+        return k_BHLd, v_BHLd  # (B, H, S, Dh)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x_BLD: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, L, D = x_BLD.shape
+        q_BHLd, k_BHSd, v_BHSd = (self.qkv(x_BLD).view(B, L, 3, self.num_heads, -1)
+                                  .permute(2, 0, 3, 1, 4))  # (3, B, H, L, Dh)
+        past = 0
+        if cache is not None:
+            past = cache.layer_length(layer)
+            k_BHSd, v_BHSd = cache.append(layer, k_BHSd, v_BHSd)
+        if past == 0:
+            o_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, is_causal=True)
+        else:  # query i sits at position past + i and sees keys 0 .. past + i
+            S = past + L
+            mask_LS = (torch.arange(S, device=x_BLD.device)[None, :]
+                       <= past + torch.arange(L, device=x_BLD.device)[:, None])
+            o_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, attn_mask=mask_LS)
+        return self.proj(o_BHLd.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = (ModalityRoutedMoE(cfg) if cfg.is_moe_layer(layer)
+                    else FeedForward(cfg.d_model, cfg.ffn_hidden))
+
+    def forward(self, x_BLD: torch.Tensor, kinds_BL: torch.Tensor, cache: KVCache | None):
+        x_BLD = x_BLD + self.attn(self.norm1(x_BLD), cache, self.layer)
+        h_BLD = self.norm2(x_BLD)
+        if isinstance(self.ffn, FeedForward):
+            return x_BLD + self.ffn(h_BLD), None
+        y_TD, routing = self.ffn(h_BLD.reshape(-1, h_BLD.shape[-1]), kinds_BL.reshape(-1))
+        return x_BLD + y_TD.view_as(h_BLD), routing
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    logits: torch.Tensor                      # (B, L, V)
+    loss: torch.Tensor | None = None          # lm_loss + aux_loss + z_loss
+    lm_loss: torch.Tensor | None = None       # masked next-token cross-entropy
+    aux_loss: torch.Tensor | None = None      # scaled Switch balancing loss
+    z_loss: torch.Tensor | None = None        # scaled router z-loss
+    kind_losses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    routing: list[dict[str, GroupRouting]] = dataclasses.field(default_factory=list)
+
+
+class GatoModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = GatoEmbedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size,
+                                                               bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2 and ".groups." not in name:
+                nn.init.normal_(p, std=out_std if name.endswith(("proj.weight", "fc2.weight"))
+                                else std)
+        for block in self.blocks:
+            if isinstance(block.ffn, ModalityRoutedMoE):
+                init_moe_(block.ffn, std, out_std)
+
+    def forward(self, batch: dict, *, cache: KVCache | None = None,
+                compute_loss: bool = True) -> ModelOutput:
+        kinds_BL = batch["kinds"]
+        x_BLD = self.embed(batch)
+        routing = []
+        for block in self.blocks:
+            x_BLD, r = block(x_BLD, kinds_BL, cache)
+            if r is not None:
+                routing.append(r)
+        x_BLD = self.norm(x_BLD)
+        weight_VD = self.embed.tokens.weight if self.head is None else self.head.weight
+        logits_BLV = F.linear(x_BLD, weight_VD)
+        out = ModelOutput(logits=logits_BLV, routing=routing)
+        if compute_loss and cache is None and kinds_BL.shape[1] > 1:
+            self._losses(out, batch)
+        return out
+
+    def _losses(self, out: ModelOutput, batch: dict) -> None:
+        logits_BLV = out.logits[:, :-1]
+        targets_BL, mask_BL = batch["tokens"][:, 1:], batch["loss_mask"][:, 1:]
+        nll_BL = F.cross_entropy(logits_BLV.float().flatten(0, 1), targets_BL.flatten(),
+                                 reduction="none").view_as(targets_BL)
+        mask = mask_BL.to(nll_BL.dtype)
+        out.lm_loss = (nll_BL * mask).sum() / mask.sum().clamp(min=1)
+        target_kinds_BL = batch["kinds"][:, 1:]
+        for kind in LOSS_KINDS:
+            sel = mask_BL & (target_kinds_BL == kind)
+            if sel.any():
+                out.kind_losses[kind.name.lower()] = nll_BL[sel].mean().detach()
+        zero = out.lm_loss.new_zeros(())
+        groups = [g for layer in out.routing for g in layer.values()]
+        n = max(len(groups), 1)
+        out.aux_loss = self.cfg.moe.aux_loss_coef * sum((g.aux_loss for g in groups), zero) / n
+        out.z_loss = self.cfg.moe.z_loss_coef * sum((g.z_loss for g in groups), zero) / n
+        out.loss = out.lm_loss + out.aux_loss + out.z_loss
+
+    # ---- balancing, decoding --------------------------------------------------------
+
+    def update_router_biases(self, routing: list[dict[str, GroupRouting]]) -> None:
+        """Aux-loss-free balancing step (``moe.bias_balancing``); call after each step."""
+        moes = [b.ffn for b in self.blocks if isinstance(b.ffn, ModalityRoutedMoE)]
+        for moe, r in zip(moes, routing, strict=True):
+            moe.update_bias(r)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.num_layers)
+
+    @torch.no_grad()
+    def generate(self, batch: dict, num_tokens: int, *, kind: Kind = Kind.DISCRETE_ACTION,
+                 num_choices: int | None = None, temperature: float = 1.0,
+                 cache: KVCache | None = None, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+        """Samples ``num_tokens`` tokens of ``kind`` (text or an action kind) after the
+        prefix ``batch`` (all rows the same length), restricted to the kind's id range and
+        to its first ``num_choices`` ids if given; temperature 0 is greedy. Returns (B, n)
+        ids. With ``cache``, ``batch`` continues the positions already in it, and on return
+        the cache holds the prefix and every generated token."""
+        kind = Kind(kind)
+        if kind not in (Kind.TEXT, *ACTION_KINDS):
+            raise ValueError(f"kind must be text or an action kind, got {kind.name}")
+        lo, hi = self.cfg.layout.id_range(kind)
+        if num_choices is not None:
+            if not 1 <= num_choices <= hi - lo:
+                raise ValueError(f"num_choices must be in [1, {hi - lo}], got {num_choices}")
+            hi = lo + num_choices
+        cache = cache if cache is not None else self.new_cache()
+        logits_BV = self(batch, cache=cache, compute_loss=False).logits[:, -1]
+        B = logits_BV.shape[0]
+        local_pos_B = batch["local_pos"][:, -1]
+        out = []
+        for _ in range(num_tokens):
+            logits_BN = logits_BV[:, lo:hi].float()
+            if temperature == 0:
+                ids_B = logits_BN.argmax(-1)
+            else:
+                probs_BN = (logits_BN / temperature).softmax(-1)
+                ids_B = torch.multinomial(probs_BN, 1, generator=generator).squeeze(1)
+            tokens_B = ids_B + lo
+            out.append(tokens_B)
+            local_pos_B = (torch.full_like(local_pos_B, ACTION_LOCAL_POS) if kind != Kind.TEXT
+                           else (local_pos_B + 1).clamp(max=self.cfg.max_local_positions - 1))
+            step = {"tokens": tokens_B[:, None], "kinds": torch.full_like(tokens_B, kind)[:, None],
+                    "local_pos": local_pos_B[:, None],
+                    "loss_mask": torch.zeros(B, 1, dtype=torch.bool),
+                    "timestep": batch["timestep"][:, -1:],
+                    "image_rc": torch.zeros(B, 1, 4), "patches": None}
+            logits_BV = self(step, cache=cache, compute_loss=False).logits[:, -1]
+        return torch.stack(out, dim=1)
+
+    # ---- accounting (see moe_gato.model.accounting) ----------------------------------
+
+    def num_params(self, *, non_embedding: bool = False) -> int:
+        from moe_gato.model import accounting
+        if non_embedding:
+            return accounting.num_non_embedding_params(self.cfg)
+        return sum(p.numel() for p in self.parameters())
+
+    def num_active_params(self, *, group: str | None = None, kinds=None,
+                          non_embedding: bool = False) -> float:
+        from moe_gato.model import accounting
+        return accounting.num_active_params(self.cfg, group=group, kinds=kinds,
+                                            non_embedding=non_embedding)
+
+    def flops_per_token(self, *, training: bool = False, seq_len: int | None = None,
+                        kinds=None) -> float:
+        from moe_gato.model import accounting
+        return accounting.flops_per_token(self.cfg, training=training, seq_len=seq_len,
+                                          kinds=kinds)
+
+    def mfu(self, tokens_per_second: float, peak_flops: float, **kw) -> float:
+        """Model FLOPs utilisation: training FLOPs per token x throughput / peak FLOP/s."""
+        return self.flops_per_token(training=True, **kw) * tokens_per_second / peak_flops
