@@ -4,6 +4,7 @@
     moe-gato build-text-tokenizer --vocab-size 8192 --out moe_gato/assets/text_8192.model
     moe-gato tokenize --env BabyAI-GoToLocal-v0 --steps 2
     moe-gato collect --suite default --out data/
+    moe-gato train --config configs/train/tiny-moe.yaml --data data --out runs/tiny-moe
     python -m moe_gato.cli --help
 
 Nothing runs at import time; subcommands import their modules when they run.
@@ -24,6 +25,8 @@ SUBCOMMANDS = {
                              "train the SentencePiece text model on the project's corpus"),
     "collect": ("moe_gato.data.cli", "add_collect_arguments", "run_collect",
                 "collect expert demonstrations into HF datasets on disk"),
+    "train": ("moe_gato.train.cli", "add_arguments", "run",
+              "train MoE-Gato (or its dense twin) on a collected suite"),
 }
 
 

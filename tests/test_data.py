@@ -1,0 +1,264 @@
+"""Data: collectors run for real (a few episodes per domain), storage round trip, resume
+and bad-input errors, and the packed-sequence loader."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from moe_gato.data import (DataError, MixtureConfig, SequenceLoader, TaskData, read_manifest,  # noqa: E402
+                           resolve_tasks)
+from moe_gato.data.collect import collect  # noqa: E402
+from moe_gato.data.control import ClassicTask  # noqa: E402
+from moe_gato.data.loader import split_rows  # noqa: E402
+
+SUITE_TASKS = ["classic/CartPole-v1", "classic/Pendulum-v1", "babyai/BabyAI-GoToLocal-v0",
+               "babyai/BabyAI-GoToObj-v0", "metaworld/reach-v3", "atari/Breakout", "vl/digits",
+               "vl/babyai", "text/shakespeare"]
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suite")
+    manifest = collect("default", out, tasks=SUITE_TASKS, episodes=3, return_episodes=3,
+                       workers=2, progress=False)
+    return out, manifest
+
+
+def test_unknown_task_lists_known():
+    with pytest.raises(ValueError, match="known tasks:(.|\n)*classic/CartPole-v1"):
+        resolve_tasks("default", ["classic/NoSuchEnv-v0"])
+    with pytest.raises(ValueError, match="known suites"):
+        resolve_tasks("nope")
+
+
+@pytest.mark.parametrize("env_id,expert_min,random_max", [
+    ("CartPole-v1", 475, 100), ("Acrobot-v1", -150, -300), ("MountainCar-v0", -150, -190),
+    ("Pendulum-v1", -400, -800), ("MountainCarContinuous-v0", 80, 0)])
+def test_classic_experts_near_maximal(env_id, expert_min, random_max):
+    task = ClassicTask(env_id)
+    expert = np.mean([task.run_episode("expert", s, record=False).episode_return for s in range(5)])
+    rand = np.mean([task.run_episode("random", 100 + s, record=False).episode_return for s in range(5)])
+    assert expert >= expert_min
+    assert rand <= random_max
+
+
+def test_manifest(suite):
+    out, manifest = suite
+    assert set(manifest["tasks"]) == set(SUITE_TASKS)
+    assert read_manifest(out)["tasks"] == manifest["tasks"]
+    for name, e in manifest["tasks"].items():
+        assert {"domain", "episodes", "tokens", "expert_return", "random_return", "held_out"} <= set(e)
+        assert e["domain"] == name.split("/")[0]
+        assert e["tokens"] > 0 and e["episodes"] >= 1
+    t = manifest["tasks"]
+    assert t["babyai/BabyAI-GoToObj-v0"]["held_out"] and not t["babyai/BabyAI-GoToLocal-v0"]["held_out"]
+    for name in ("classic/CartPole-v1", "classic/Pendulum-v1", "metaworld/reach-v3",
+                 "atari/Breakout", "babyai/BabyAI-GoToLocal-v0"):
+        assert t[name]["expert_return"] > t[name]["random_return"], name
+    assert t["classic/CartPole-v1"]["expert_return"] == 500.0
+    assert t["metaworld/reach-v3"]["expert_success_rate"] == 1.0
+    assert t["vl/digits"]["expert_return"] is None
+
+
+def test_episode_shapes_and_ranges(suite):
+    out, _ = suite
+    bab = TaskData(out / "babyai/BabyAI-GoToLocal-v0")
+    ep = bab.episode(0)
+    T = len(ep)
+    assert ep.observations["grid"].shape == (T, 7, 7, 3) and ep.observations["grid"].dtype == np.uint8
+    assert ep.observations["grid"].max() <= 10
+    assert set(np.unique(ep.observations["direction"])) <= {0, 1, 2, 3}
+    assert ep.observations["rgb"].shape == (T, 56, 56, 3)
+    assert len(ep.observations["mission"]) == T and ep.observations["mission"][0].startswith("go to")
+    assert ep.actions.dtype == np.int64 and ep.actions.max() < 7 and ep.success
+
+    mw = TaskData(out / "metaworld/reach-v3")
+    ep = mw.episode(1)
+    assert ep.observations["state"].shape == (len(ep), 39) and ep.actions.shape == (len(ep), 4)
+    assert np.abs(ep.actions).max() <= 1.0 and len(ep) == mw.meta["max_steps"]
+
+    pend = TaskData(out / "classic/Pendulum-v1")
+    ep = pend.episode(0)
+    assert ep.actions.shape == (200, 1) and np.abs(ep.actions).max() <= 1.0
+    assert pend.meta["action_low"] == [-2.0] and pend.meta["action_high"] == [2.0]
+
+    brk = TaskData(out / "atari/Breakout")
+    ep = brk.episode(0)
+    assert ep.observations["frame"].shape == (len(ep), 64, 64)
+    assert ep.actions.max() < brk.meta["action_dim"] and ep.observations["frame"].max() > 0
+
+    img, cap = TaskData(out / "vl/digits").caption(0)
+    assert img.shape == (16, 16) and img.dtype == np.uint8 and "zero" in cap
+    img, cap = TaskData(out / "vl/babyai").caption(0)
+    assert img.shape == (64, 64, 3) and len(cap) > 5
+    assert "ALL'S WELL" in TaskData(out / "text/shakespeare").text(0)
+
+
+def test_round_trip_returns(suite):
+    out, _ = suite
+    data = TaskData(out / "classic/CartPole-v1")
+    for i in range(len(data)):
+        row = data.ds[i]
+        ep = data.episode(i)
+        assert row["return"] == pytest.approx(ep.episode_return)
+        assert row["length"] == len(ep) == len(ep.observations["state"])
+        assert row["task"] == "classic/CartPole-v1"
+    # the same seeds give the same episodes
+    task = ClassicTask("CartPole-v1")
+    again = task.run_episode("expert", data.ds[0]["seed"])
+    np.testing.assert_array_equal(again.actions, data.episode(0).actions)
+    np.testing.assert_array_equal(again.observations["state"], data.episode(0).observations["state"])
+
+
+def test_resume_and_bad_folders(suite, tmp_path):
+    out, _ = suite
+    work = tmp_path / "s"
+    shutil.copytree(out, work)
+    before = (work / "classic/CartPole-v1/task.json").stat().st_mtime_ns
+    # an interrupted write leaves a .partial folder: removed, finished tasks kept
+    (work / "classic/CartPole-v1.partial").mkdir(parents=True)
+    m = collect("default", work, tasks=["classic/CartPole-v1"], episodes=3, return_episodes=3,
+                progress=False)
+    assert (work / "classic/CartPole-v1/task.json").stat().st_mtime_ns == before
+    assert not (work / "classic/CartPole-v1.partial").exists()
+    assert set(m["tasks"]) == set(SUITE_TASKS)
+    # other options: refused without overwrite
+    with pytest.raises(DataError, match="--overwrite"):
+        collect("default", work, tasks=["classic/CartPole-v1"], episodes=4, return_episodes=3,
+                progress=False)
+    # truncated (task.json declares more rows) and other version
+    meta_path = work / "classic/Pendulum-v1/task.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(dict(meta, rows=99)))
+    with pytest.raises(DataError, match="truncated"):
+        TaskData(work / "classic/Pendulum-v1")
+    meta_path.write_text(json.dumps(dict(meta, format_version=0)))
+    with pytest.raises(DataError, match="version"):
+        collect("default", work, tasks=["classic/Pendulum-v1"], episodes=3, return_episodes=3,
+                progress=False)
+    assert json.loads(meta_path.read_text())["format_version"] == 0  # nothing overwritten
+    with pytest.raises(DataError, match="missing"):
+        TaskData(work / "classic/nothing")
+    m = collect("default", work, tasks=["classic/Pendulum-v1"], episodes=2, return_episodes=3,
+                overwrite=True, workers=1, progress=False)
+    assert m["tasks"]["classic/Pendulum-v1"]["episodes"] == 2
+    assert len(TaskData(work / "classic/Pendulum-v1")) == 2
+
+
+def _mixture(out, **kw):
+    tasks = {"babyai/BabyAI-GoToLocal-v0": 2.0, "metaworld/reach-v3": 2.0,
+             "classic/Pendulum-v1": 1.0, "atari/Breakout": 1.0, "vl/digits": 1.0,
+             "vl/babyai": 1.0, "text/shakespeare": 1.0}
+    return MixtureConfig(data_dir=str(out), context_len=kw.pop("context_len", 256), tasks=tasks, **kw)
+
+
+def test_loader_sequences(suite):
+    from moe_gato.tokenizer import LOSS_KINDS, Kind
+
+    out, _ = suite
+    loader = SequenceLoader(_mixture(out), seed=3)
+    seen = set()
+    for _ in range(60):
+        seq = next(loader)
+        assert len(seq) == 256
+        kinds = seq.kinds
+        seen |= set(np.unique(kinds).tolist())
+        assert np.array_equal(seq.loss_mask, np.isin(kinds, LOSS_KINDS))
+        assert seq.patches.shape[0] == int((kinds == Kind.IMAGE).sum())
+        assert (seq.tokens[kinds == Kind.PAD] == loader.tok.layout.pad_id).all()
+    assert {Kind.TEXT, Kind.IMAGE, Kind.DISCRETE_OBS, Kind.CONTINUOUS_OBS, Kind.DISCRETE_ACTION,
+            Kind.CONTINUOUS_ACTION, Kind.SEPARATOR} <= seen
+    batch = loader.next_batch(4)
+    assert tuple(batch["tokens"].shape) == (4, 256)
+
+
+def test_loader_deterministic_and_resumable(suite):
+    out, _ = suite
+    a = SequenceLoader(_mixture(out), seed=7)
+    first = [next(a) for _ in range(12)]
+    state = a.state_dict()
+    rest = [next(a) for _ in range(6)]
+    b = SequenceLoader(_mixture(out), seed=7)
+    for x, y in zip(first, [next(b) for _ in range(12)]):
+        np.testing.assert_array_equal(x.tokens, y.tokens)
+        np.testing.assert_array_equal(x.patches, y.patches)
+    c = SequenceLoader(_mixture(out), seed=7)
+    c.load_state_dict(state)
+    for x, y in zip(rest, [next(c) for _ in range(6)]):
+        np.testing.assert_array_equal(x.tokens, y.tokens)
+        np.testing.assert_array_equal(x.image_rc, y.image_rc)
+    other = SequenceLoader(_mixture(out), seed=8)
+    assert any(not np.array_equal(x.tokens, next(other).tokens) for x in first)
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(state)
+
+
+def test_loader_splits_and_errors(suite):
+    out, _ = suite
+    assert list(split_rows(10, 0.1, "train")) == list(range(9))
+    assert list(split_rows(10, 0.1, "validation")) == [9]
+    assert list(split_rows(1, 0.1, "train")) == [0]
+    val = SequenceLoader(_mixture(out), split="validation")
+    assert all(len(r) >= 1 for r in val.rows.values())
+    for name, rows in val.rows.items():
+        assert set(rows).isdisjoint(SequenceLoader(_mixture(out)).rows[name])
+    with pytest.raises(ValueError, match="held out"):
+        SequenceLoader(MixtureConfig(data_dir=str(out), tasks={"babyai/BabyAI-GoToObj-v0": 1.0}))
+    with pytest.raises(DataError, match="not in"):
+        SequenceLoader(MixtureConfig(data_dir=str(out), tasks={"atari/Pong": 1.0}))
+    with pytest.raises(DataError, match="manifest.json is missing"):
+        SequenceLoader(MixtureConfig(data_dir=str(out / "nowhere"), tasks={"atari/Pong": 1.0}))
+
+
+def test_mixture_config_validation():
+    from moe_gato.config import load_config
+    from moe_gato.data import load_mixture
+
+    with pytest.raises(ValueError, match="prompt_prob"):
+        MixtureConfig(tasks={"a/b": 1.0}, prompt_prob=2.0)
+    with pytest.raises(ValueError, match="weight"):
+        MixtureConfig(tasks={"a/b": 0.0})
+    with pytest.raises(ValueError, match="tasks"):
+        MixtureConfig()
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config(MixtureConfig, "configs/data/default.yaml", ["contxt_len=3"])
+    cfg = load_mixture("configs/data/default.yaml", ["context_len=512"])
+    assert cfg.context_len == 512 and len(cfg.tasks) >= 25
+    assert all(t in resolve_tasks("default", list(cfg.tasks))[i].name
+               for i, t in enumerate(cfg.tasks))
+    assert not any(s.held_out for s in resolve_tasks("default", list(cfg.tasks)))
+
+
+def test_pong_player_and_metaworld_pixels():
+    from moe_gato.data.atari import AtariTask
+    from moe_gato.data.meta_world import MetaWorldTask
+
+    pong = AtariTask("Pong")
+    pong.max_steps = 300
+    ep = pong.run_episode("expert", 0)
+    assert ep.observations["frame"].shape == (300, 64, 64) and ep.actions.max() < pong.action_dim
+    mw = MetaWorldTask("reach-v3", images=True, horizon=5)
+    ep = mw.run_episode("expert", 0)
+    rgb = ep.observations["rgb"]
+    assert rgb.shape == (5, 64, 64, 3) and rgb.dtype == np.uint8 and rgb.std() > 10
+
+
+def test_cli(tmp_path, capsys):
+    from moe_gato.data.cli import main
+
+    assert main(["--tasks", "classic/Nope-v0", "--out", str(tmp_path)]) == 2
+    assert "known tasks" in capsys.readouterr().err
+    assert main(["--list"]) == 0
+    assert "atari/Pong" in capsys.readouterr().out
+    assert main(["--tasks", "classic/MountainCar-v0", "--episodes", "2", "--out", str(tmp_path),
+                 "--no-progress", "--workers", "1"]) == 0
+    assert "classic/MountainCar-v0" in capsys.readouterr().out
+    assert json.loads((tmp_path / "manifest.json").read_text())["tasks"]["classic/MountainCar-v0"]["episodes"] == 2
