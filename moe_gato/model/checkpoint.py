@@ -19,10 +19,13 @@ from moe_gato.model.config import ModelConfig
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
 
 
-def save_checkpoint(model, directory: str | Path) -> Path:
+def save_checkpoint(model, directory: str | Path, state_dict: dict | None = None) -> Path:
+    """Writes ``model.safetensors`` and ``config.yaml``; ``state_dict`` replaces
+    ``model.state_dict()`` (e.g. expert shards gathered from several ranks)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu()
+             for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
     tmp = directory / (WEIGHTS + ".tmp")
     save_file(state, str(tmp), metadata={"format": "moe_gato"})
     tmp.replace(directory / WEIGHTS)

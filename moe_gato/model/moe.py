@@ -57,10 +57,14 @@ class ExpertGroup(nn.Module):
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.register_buffer("expert_bias_E", torch.zeros(num_experts))
         self.shared = FeedForward(d_model, hidden) if shared else None
+        #: set by moe_gato.train.expert_parallel.shard_experts: this rank then holds E / P
+        #: experts and exchanges tokens with all-to-all instead of calling expert_ffn
+        self.expert_parallel = None
 
     @property
     def num_experts(self) -> int:
-        return self.w1_EDF.shape[0]
+        """All experts of the group (the router's rows), also under expert parallelism."""
+        return self.router_ED.shape[0]
 
 
 class ModalityRoutedMoE(nn.Module):
@@ -78,20 +82,34 @@ class ModalityRoutedMoE(nn.Module):
     def forward(self, x_TD: torch.Tensor, kinds_T: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, GroupRouting]]:
         group_T = self.group_of_kind[kinds_T]
+        # expert parallel: every rank joins every group's all-to-all, even without tokens
+        parallel = any(g.expert_parallel is not None for g in self.groups.values())
         y_TD, routing = None, {}
         for g, (name, group) in enumerate(self.groups.items()):
             index_t = (group_T == g).nonzero().squeeze(1)  # (t,)
             if index_t.numel() == 0:
+                if parallel:
+                    y_TD = self._join_exchange(group, x_TD, y_TD)
                 continue
             whole = index_t.numel() == x_TD.shape[0]  # one group only: skip gather/scatter
             x_tD = x_TD if whole else x_TD.index_select(0, index_t)
             y_tD, routing[name] = self._route(group, x_tD, index_t)
-            if whole:
+            if whole and not parallel:
                 return y_tD, routing
             if y_TD is None:
                 y_TD = x_TD.new_zeros(x_TD.shape)
             y_TD = y_TD.index_copy(0, index_t, y_tD)
         return y_TD, routing
+
+    def _join_exchange(self, group: ExpertGroup, x_TD: torch.Tensor, y_TD: torch.Tensor | None):
+        """Sends no tokens but serves the tokens other ranks send to this rank's experts;
+        the empty result joins the graph so that backward runs the same exchange."""
+        K = self.moe.experts_per_token
+        ids_0K = torch.zeros(0, K, dtype=torch.long, device=x_TD.device)
+        y_0D, _ = group.expert_parallel(x_TD[:0], ids_0K, x_TD.new_zeros(0, K),
+                                        group.w1_EDF, group.w2_EFD)
+        base = y_TD if y_TD is not None else x_TD.new_zeros(x_TD.shape)
+        return base + y_0D.sum()
 
     def _route(self, group: ExpertGroup, x_tD: torch.Tensor, index_t: torch.Tensor
                ) -> tuple[torch.Tensor, GroupRouting]:
@@ -108,9 +126,13 @@ class ModalityRoutedMoE(nn.Module):
         aux_loss = E * torch.dot(load_E.float() / expert_ids_tK.numel(), probs_tE.mean(0))
         z_loss = torch.logsumexp(logits_tE, dim=-1).square().mean()
         capacity = expert_capacity(x_tD.shape[0], K, E, cfg.capacity_factor)
-        y_tD, kept_E = expert_ffn(x_tD, expert_ids_tK, gates_tK.to(x_tD.dtype),
-                                  group.w1_EDF, group.w2_EFD, capacity=capacity,
-                                  impl=cfg.impl, gemm=cfg.gemm)
+        if group.expert_parallel is not None:
+            y_tD, kept_E = group.expert_parallel(x_tD, expert_ids_tK, gates_tK.to(x_tD.dtype),
+                                                 group.w1_EDF, group.w2_EFD)
+        else:
+            y_tD, kept_E = expert_ffn(x_tD, expert_ids_tK, gates_tK.to(x_tD.dtype),
+                                      group.w1_EDF, group.w2_EFD, capacity=capacity,
+                                      impl=cfg.impl, gemm=cfg.gemm)
         if group.shared is not None:
             y_tD = y_tD + group.shared(x_tD)
         routing = GroupRouting(token_index_t=index_t, expert_ids_tK=expert_ids_tK.detach(),

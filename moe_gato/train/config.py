@@ -1,0 +1,156 @@
+"""Training configuration: ``TrainConfig`` with its optimizer and DeepSpeed parts.
+
+Layers (STYLE.md item 3): dataclass defaults, then ``configs/train/<name>.yaml``, then
+dotted overrides (``train.tokens=2000000``, ``model.moe.num_experts=8``,
+``optim.lr=3e-4``). In the YAML, ``model`` may name a preset file
+(``model: configs/model/tiny-moe.yaml``), a preset plus changes
+(``model: {preset: configs/model/tiny-moe.yaml, context_length: 256}``) or the whole
+model config inline; ``data`` likewise names or holds the mixture. Dotted overrides of
+``model.*`` and ``data.*`` apply on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from moe_gato.config import apply_overrides, from_dict, load_yaml
+from moe_gato.data.mixture import MixtureConfig
+from moe_gato.model import ModelConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio`` of the peak (Gato)."""
+
+    lr: float = 1e-3
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1           # matrices only; norms, biases, vectors: 0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("optim.weight_decay, optim.warmup_steps and optim.grad_clip must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DeepSpeedConfig:
+    """Used when the trainer runs under ``deepspeed`` (``enabled: true``)."""
+
+    enabled: bool = False
+    zero_stage: int = 1
+    #: merged into the generated DeepSpeed JSON config (e.g. {"zero_optimization":
+    #: {"overlap_comm": true}}); keys the trainer sets itself may be overridden here
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: MixtureConfig
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
+    #: sequences per optimizer step, over all ranks and micro-batches
+    batch_size: int = 8
+    #: sequences per forward pass on one rank; batch_size / (micro * ranks) = accumulation
+    micro_batch_size: int = 8
+    #: token budget D (context positions seen); sets the steps when given
+    tokens: int | None = None
+    #: steps; used when ``tokens`` is null
+    steps: int | None = 100
+    expert_parallel_size: int = 1
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 1
+    eval_every: int = 50
+    eval_sequences: int = 8            # validation sequences per task per evaluation
+    checkpoint_every: int = 50
+    keep_last: int = 3
+    resume: Literal["auto", "never"] = "auto"
+    #: peak FLOP/s for MFU; null measures a large fp32 matmul on CPU, or uses the card's
+    #: bf16 dense peak on known GPUs
+    peak_flops: float | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("batch_size", "micro_batch_size", "expert_parallel_size", "log_every",
+                      "eval_every", "checkpoint_every", "eval_sequences"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
+        if self.tokens is None and self.steps is None:
+            raise ValueError("set either tokens (the token budget) or steps")
+        if self.tokens is not None and self.tokens < 1:
+            raise ValueError(f"tokens must be >= 1, got {self.tokens}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of "
+                             f"micro_batch_size ({self.micro_batch_size})")
+        if self.data.context_len != self.model.context_length:
+            if self.data.context_len > self.model.context_length:
+                raise ValueError(f"data.context_len ({self.data.context_len}) exceeds "
+                                 f"model.context_length ({self.model.context_length})")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.data.context_len
+
+    @property
+    def num_steps(self) -> int:
+        if self.tokens is not None:
+            return max(1, math.ceil(self.tokens / self.tokens_per_step))
+        return int(self.steps)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _resolve_path(path: str, base: Path | None) -> Path:
+    p = Path(path)
+    if p.is_file():
+        return p
+    for root in ([base] if base else []) + [REPO]:
+        if (root / p).is_file():
+            return root / p
+    raise ValueError(f"config file {path} does not exist")
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                      ) -> TrainConfig:
+    """Defaults, then the YAML at ``path`` (with ``model``/``data`` preset files expanded),
+    then dotted overrides."""
+    data = load_yaml(path) if path is not None else {}
+    base = Path(path).parent if path is not None else None
+    for key in ("model", "data"):
+        value = data.get(key)
+        if isinstance(value, str):
+            data[key] = load_yaml(_resolve_path(value, base))
+        elif isinstance(value, dict) and "preset" in value:
+            rest = {k: v for k, v in value.items() if k != "preset"}
+            data[key] = _merge(load_yaml(_resolve_path(value["preset"], base)), rest)
+    data = apply_overrides(data, overrides)
+    if "data" not in data:
+        raise ValueError("the training config needs data: a mixture file or mapping")
+    return from_dict(TrainConfig, data)

@@ -1,0 +1,481 @@
+"""One trainer for MoE-Gato: one CPU process, several processes (torchrun or deepspeed), GPUs.
+
+    moe-gato train --config configs/train/tiny-moe.yaml --data data --out runs/tiny-moe
+    torchrun --nproc-per-node 2 -m moe_gato.cli train --config ... expert_parallel_size=2
+    deepspeed --num_gpus 8 -m moe_gato.cli train --config ... deepspeed.enabled=true
+
+Step ``s`` consumes global sequences ``[s * B, (s + 1) * B)`` of the loader (a pure function
+of seed and index); rank ``r`` takes micro-batch ``m`` = sequences
+``s * B + (m * ranks + r) * b ...``. The loss is normalised by the target count of the whole
+step (all ranks, all micro-batches), so any split of the same global batch gives the same
+gradients as one process. Resume restores weights, optimizer, step, tokens, data position
+and RNG; metrics of steps after the checkpoint are dropped from ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moe_gato.config import save_config, to_dict
+from moe_gato.model import build_model
+from moe_gato.model.moe import ModalityRoutedMoE
+from moe_gato.tokenizer import KIND_NAMES, collate
+from moe_gato.train import checkpoint as ckpt
+from moe_gato.train.config import TrainConfig
+
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss); the message names the step and checkpoint."""
+
+
+# ----------------------------------------------------------------------- schedule
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
+    o, total = cfg.optim, cfg.num_steps
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    span = max(1, total - o.warmup_steps - 1)
+    progress = min(1.0, (step - o.warmup_steps) / span)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (and stacked expert matrices) only."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------- distribution
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(cfg: TrainConfig) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but no CUDA device is visible")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        if cfg.deepspeed.enabled:
+            deepspeed = import_deepspeed(cpu=not use_cuda)
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+        else:
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of "
+                         f"micro_batch_size x ranks ({cfg.micro_batch_size} x {world})")
+    if world % cfg.expert_parallel_size:
+        raise ValueError(f"expert_parallel_size ({cfg.expert_parallel_size}) must divide the "
+                         f"number of ranks ({world})")
+    return Dist(rank=rank, world=world, device=device)
+
+
+def import_deepspeed(cpu: bool):
+    """Imports DeepSpeed the way this project runs it. On CPU: the ``cpu`` accelerator
+    (``DS_ACCELERATOR`` must be set before the import) and no ``shm_comm`` extension, whose
+    first build takes 60-90 s; collectives then run over gloo."""
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import importlib
+
+    import deepspeed
+
+    if cpu:  # (deepspeed.comm's attribute "torch" is the torch package: go by module name)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    return deepspeed
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def measure_peak_flops(device: torch.device) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * n**3 / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------ metrics
+def routing_metrics(routing: list[dict]) -> dict[str, float]:
+    """Per layer and group: load of each expert (fraction), dropped slots, router entropy
+    of the load distribution (1.0 = perfectly balanced)."""
+    out: dict[str, float] = {}
+    for layer, groups in enumerate(routing):
+        for name, r in groups.items():
+            load = r.load_E.float()
+            frac = load / load.sum().clamp(min=1)
+            ent = -(frac * frac.clamp(min=1e-12).log()).sum() / math.log(max(len(frac), 2))
+            prefix = f"moe/{layer}/{name}"
+            out[f"{prefix}/max_load"] = float(frac.max()) * len(frac)
+            out[f"{prefix}/entropy"] = float(ent)
+            out[f"{prefix}/dropped"] = float(r.dropped)
+            for e, f in enumerate(frac.tolist()):
+                out[f"{prefix}/load/{e}"] = f
+    return out
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per logged step) and TensorBoard, written by rank 0."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():  # drop steps after the checkpoint
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, record["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ------------------------------------------------------------------------ trainer
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, data_dir: str | Path | None = None):
+        from moe_gato.data.loader import SequenceLoader
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.dist = setup_distributed(cfg)
+        self.data_dir = Path(data_dir or cfg.data.data_dir)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.model = build_model(cfg.model).to(self.dist.device)
+        if cfg.expert_parallel_size > 1:
+            from moe_gato.train.expert_parallel import shard_experts
+
+            shard_experts(self.model, cfg.expert_parallel_size)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.engine = None
+        if cfg.deepspeed.enabled:
+            self._init_deepspeed()
+        self.loader = SequenceLoader(cfg.data, split="train", seed=cfg.seed, data_dir=self.data_dir)
+        self.accum = cfg.batch_size // (cfg.micro_batch_size * self.dist.world)
+        self.step = 0
+        self.tokens = 0
+        self.peak_flops = cfg.peak_flops or measure_peak_flops(self.dist.device)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if self.dist.device.type == "cuda" else None)
+
+    def _init_deepspeed(self) -> None:
+        deepspeed = import_deepspeed(cpu=self.dist.device.type == "cpu")
+        cfg = self.cfg
+        ds_config = {
+            "train_batch_size": cfg.batch_size,
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            "gradient_accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * self.dist.world),
+            "gradient_clipping": cfg.optim.grad_clip,
+            "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": self.dist.device.type == "cuda"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        ds_config = _merge(ds_config, cfg.deepspeed.extra)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=self.optimizer, config=ds_config)
+
+    # -------------------------------------------------------------- data
+    def micro_batch(self, step: int, micro: int) -> dict:
+        cfg, d = self.cfg, self.dist
+        b = cfg.micro_batch_size
+        start = step * cfg.batch_size + (micro * d.world + d.rank) * b
+        batch = collate([self.loader.sequence(i) for i in range(start, start + b)])
+        return {k: v.to(d.device) for k, v in batch.items()}
+
+    # ------------------------------------------------------------ resume
+    def maybe_resume(self) -> int | None:
+        if self.cfg.resume != "auto":
+            return None
+        path = ckpt.latest_valid_checkpoint(self.run_dir)
+        if path is None:
+            return None
+        localize = None
+        if self.engine is not None:
+            self.engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=True,
+                                        load_lr_scheduler_states=False)
+        elif self.cfg.expert_parallel_size > 1:
+            from moe_gato.train.expert_parallel import local_state_dict
+
+            ckpt.load_optimizer_shard(path, self.dist.rank, self.optimizer)
+            localize = lambda full: local_state_dict(self.model, full)  # noqa: E731
+        plain = self.engine is None and self.cfg.expert_parallel_size == 1
+        state = ckpt.load_training_state(path, self._module(),
+                                         self.optimizer if plain else None, localize)
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.loader.load_state_dict(state["data"])
+        np.random.set_state(_np_state_from_json(state["numpy"]))
+        return self.step
+
+    def _module(self) -> torch.nn.Module:
+        return self.engine.module if self.engine is not None else self.model
+
+    def save(self) -> Path | None:
+        """A checkpoint of everything (a collective when several ranks run)."""
+        state = {"tokens": self.tokens, "data": self.loader.state_dict(),
+                 "scheduler": {"step": self.step, "lr": lr_at(self.step, self.cfg)},
+                 "numpy": _np_state_to_json()}
+        keep = self.cfg.keep_last
+        if self.engine is None and self.cfg.expert_parallel_size == 1:
+            if not self.dist.main:  # data parallel: every rank holds the same state
+                return None
+            return ckpt.save_training_checkpoint(self.run_dir, self.step, self.model,
+                                                 self.optimizer, self.cfg, state, keep_last=keep)
+        # sharded optimizer state: every rank writes its part into the staging folder, then
+        # rank 0 adds the (gathered) model, state and checksums and renames it into place
+        model_state = None
+        if self.engine is not None:
+            tmp = ckpt.staging_dir(self.run_dir, self.step, clear=False)
+            self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
+        else:
+            from moe_gato.train.expert_parallel import full_state_dict
+
+            ckpt.save_optimizer_shard(self.run_dir, self.step, self.dist.rank, self.optimizer)
+            model_state = full_state_dict(self.model)
+        dist.barrier()
+        path = None
+        if self.dist.main:
+            path = ckpt.save_training_checkpoint(self.run_dir, self.step, self._module(), None,
+                                                 self.cfg, state, keep_last=keep,
+                                                 model_state=model_state)
+        dist.barrier()
+        return path
+
+    # ------------------------------------------------------------- steps
+    def train_step(self) -> dict:
+        cfg, d, model = self.cfg, self.dist, self._module()
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = [self.micro_batch(self.step, m) for m in range(self.accum)]
+        targets = torch.tensor([float(b["loss_mask"][:, 1:].sum()) for b in batches])
+        total_targets = all_reduce_sum(targets.sum().clone()).clamp(min=1)
+        sums = torch.zeros(2 + len(KIND_NAMES) * 2, dtype=torch.float64)  # loss, aux+z, per kind
+        routing_last = None
+        start = time.perf_counter()
+        for micro, batch in enumerate(batches):
+            # the model's randomness (patch positions within their interval) depends on the
+            # global micro-batch only, so any split over ranks draws the same numbers
+            torch.manual_seed(cfg.seed * 1_000_003 + self.step * cfg.batch_size
+                              + (micro * d.world + d.rank) * cfg.micro_batch_size)
+            if self.autocast is not None:
+                with self.autocast:
+                    out = (self.engine or model)(batch)
+            else:
+                out = (self.engine or model)(batch)
+            # sum over this micro-batch's targets / targets of the whole step, x ranks because
+            # data parallelism averages gradients over ranks
+            lm = out.lm_loss * targets[micro] / total_targets * d.world
+            aux = (out.aux_loss + out.z_loss) / self.accum
+            # every parameter joins the graph (with a zero gradient when unused, e.g. the
+            # image experts of a batch without images) so that data-parallel reductions see
+            # the same gradients on every rank
+            touch = sum(p.view(-1)[0] for p in model.parameters()) * 0.0
+            loss = lm + aux + touch
+            if self.engine is not None:
+                self.engine.backward(loss, scale_wrt_gas=False)
+            else:
+                loss.backward()
+            sums[0] += float(out.lm_loss.detach()) * float(targets[micro])
+            sums[1] += float(aux.detach())
+            target_kinds = batch["kinds"][:, 1:][batch["loss_mask"][:, 1:]]
+            for name, value in out.kind_losses.items():
+                k = KIND_NAMES_INDEX[name]
+                n = float((target_kinds == k).sum())
+                sums[2 + 2 * k] += float(value) * n
+                sums[3 + 2 * k] += n
+            routing_last = out.routing
+        grad_norm = self._optimizer_step(model)
+        if cfg.model.ffn == "moe" and cfg.model.moe.bias_balancing and routing_last:
+            model.update_router_biases(routing_last)
+        elapsed = time.perf_counter() - start
+        all_reduce_sum(sums)
+        loss = float(sums[0] / total_targets)
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            last = ckpt.list_checkpoints(self.run_dir)
+            raise TrainingError(
+                f"loss is {loss} (grad norm {grad_norm}) at step {self.step}; stopping. "
+                f"Last good checkpoint: {last[-1] if last else 'none'}")
+        self.step += 1
+        self.tokens += cfg.tokens_per_step
+        tps = cfg.tokens_per_step / max(elapsed, 1e-9)
+        record = {"step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr,
+                  "grad_norm": grad_norm, "aux_loss": float(sums[1]) / d.world,
+                  "tokens_per_s": tps,
+                  "mfu": self._module().mfu(tps / d.world, self.peak_flops,
+                                            seq_len=cfg.data.context_len)}
+        for name, k in KIND_NAMES_INDEX.items():
+            if sums[3 + 2 * k] > 0:
+                record[f"loss/{name}"] = float(sums[2 + 2 * k] / sums[3 + 2 * k])
+        if routing_last:
+            record.update(routing_metrics(routing_last))
+        return record
+
+    def _optimizer_step(self, model: torch.nn.Module) -> float:
+        if self.engine is not None:
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        from moe_gato.train.expert_parallel import all_reduce_gradients, clip_grad_norm
+
+        if self.dist.world > 1:
+            all_reduce_gradients(model, self.dist.world)
+        norm = clip_grad_norm(model, self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss per task and per target kind, on ``eval_sequences`` per task."""
+        from moe_gato.data.loader import SequenceLoader
+
+        model = self._module()
+        model.eval()
+        record: dict[str, float] = {}
+        total, count = 0.0, 0.0
+        kind_sum = np.zeros(len(KIND_NAMES))
+        kind_n = np.zeros(len(KIND_NAMES))
+        for task in self.cfg.data.tasks:
+            cfg = dataclasses.replace(self.cfg.data, tasks={task: 1.0})
+            loader = SequenceLoader(cfg, split="validation", seed=12345, data_dir=self.data_dir,
+                                    tokenizer=self.loader.tok)
+            seqs = [loader.sequence(i) for i in range(self.cfg.eval_sequences)]
+            t_sum, t_n = 0.0, 0.0
+            for i in range(0, len(seqs), self.cfg.micro_batch_size):
+                batch = {k: v.to(self.dist.device)
+                         for k, v in collate(seqs[i:i + self.cfg.micro_batch_size]).items()}
+                out = model(batch)
+                n = float(batch["loss_mask"][:, 1:].sum())
+                t_sum += float(out.lm_loss) * n
+                t_n += n
+                target_kinds = batch["kinds"][:, 1:][batch["loss_mask"][:, 1:]]
+                for name, value in out.kind_losses.items():
+                    k = KIND_NAMES_INDEX[name]
+                    m = float((target_kinds == k).sum())
+                    kind_sum[k] += float(value) * m
+                    kind_n[k] += m
+            record[f"eval/loss/{task}"] = t_sum / max(t_n, 1)
+            total += t_sum
+            count += t_n
+        record["eval/loss"] = total / max(count, 1)
+        for name, k in KIND_NAMES_INDEX.items():
+            if kind_n[k]:
+                record[f"eval/loss/{name}"] = kind_sum[k] / kind_n[k]
+        model.train()
+        return record
+
+    # -------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        cfg, d = self.cfg, self.dist
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.maybe_resume()
+        if d.main:
+            save_config(cfg, self.run_dir / "config.yaml")
+        log = MetricsLog(self.run_dir, resumed, d.main)
+        bar = tqdm(total=cfg.num_steps, initial=self.step, disable=not d.main,
+                   desc=f"train {self.run_dir.name}", unit="step")
+        last: dict = {}
+        try:
+            while self.step < cfg.num_steps:
+                record = self.train_step()
+                if self.step % cfg.eval_every == 0 or self.step == cfg.num_steps:
+                    record.update(self.evaluate())
+                if self.step % cfg.log_every == 0 or "eval/loss" in record:
+                    log.write(record)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.num_steps:
+                    self.save()
+                    if dist.is_initialized():
+                        dist.barrier()
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                last = record
+        finally:
+            bar.close()
+            log.close()
+        return last
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+KIND_NAMES_INDEX = {name: int(k) for k, name in KIND_NAMES.items()}
+
+
+def _np_state_to_json() -> list:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+
+
+def _np_state_from_json(s: list):
+    return (s[0], np.asarray(s[1], np.uint32), s[2], s[3], s[4])
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, data_dir: str | Path | None = None) -> dict:
+    """Trains to the configured token/step budget; returns the last logged record."""
+    return Trainer(cfg, run_dir, data_dir=data_dir).fit()

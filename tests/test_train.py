@@ -1,0 +1,213 @@
+"""The trainer: schedule, logs, checkpoints, exact resume after SIGKILL, NaN stop, corrupt
+checkpoints, and two real processes on gloo (DeepSpeed data parallel, expert parallel)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moe_gato.train import TrainingError, Trainer, load_train_config, lr_at
+from moe_gato.train import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = {"babyai/BabyAI-GoToLocal-v0": 2.0, "classic/Pendulum-v1": 1.0, "vl/digits": 1.0,
+         "text/shakespeare": 1.0}
+
+
+def write_config(tmp_path: Path, suite: Path, **top) -> Path:
+    cfg = {
+        "model": {"preset": "configs/model/tiny-moe.yaml", "context_length": 256, "num_layers": 2},
+        "data": {"data_dir": str(suite), "context_len": 256, "tasks": TASKS},
+        "batch_size": 4, "micro_batch_size": 2, "steps": 6,
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "log_every": 1, "eval_every": 3, "eval_sequences": 2, "checkpoint_every": 2,
+        "keep_last": 2, "peak_flops": 1e11,
+    }
+    cfg.update(top)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def cli(*args, env_extra=None):
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return [sys.executable, "-m", "moe_gato.cli", *args], env
+
+
+# --------------------------------------------------------------------- schedule, config
+def test_lr_warmup_then_cosine_to_a_tenth(tmp_path, tiny_suite):
+    cfg = load_train_config(write_config(tmp_path, tiny_suite), ["steps=100", "optim.warmup_steps=10",
+                                                                 "optim.lr=1e-3"])
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(99, cfg) == pytest.approx(1e-4)            # 10% of peak at the end
+    mid = 10 + (99 - 10) / 2
+    assert lr_at(int(mid), cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 44 / 89)))
+
+
+def test_token_budget_sets_steps_and_bad_keys_are_named(tmp_path, tiny_suite):
+    path = write_config(tmp_path, tiny_suite)
+    cfg = load_train_config(path, ["tokens=5000"])
+    assert cfg.num_steps == math.ceil(5000 / (4 * 256))
+    with pytest.raises(ValueError, match="unknown config key optim.learning_rate"):
+        load_train_config(path, ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="batch_size: expected an integer"):
+        load_train_config(path, ["batch_size=big"])
+    with pytest.raises(ValueError, match="model.moe.top_k"):
+        load_train_config(path, ["model.moe.top_k=9"])
+    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+        load_train_config(path, ["batch_size=5"])
+
+
+def test_weight_decay_on_matrices_only(tmp_path, tiny_suite):
+    trainer = Trainer(load_train_config(write_config(tmp_path, tiny_suite)), tmp_path / "run")
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert trainer.optimizer.defaults["betas"] == (0.9, 0.95)
+
+
+# --------------------------------------------------------------------------- a real run
+def test_training_logs_metrics_tensorboard_and_checkpoints(tmp_path, tiny_suite):
+    run = tmp_path / "run"
+    last = Trainer(load_train_config(write_config(tmp_path, tiny_suite)), run).fit()
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for r in rows:
+        assert {"step", "tokens", "loss", "lr", "tokens_per_s", "grad_norm", "mfu"} <= set(r)
+        assert any(k.startswith("loss/") for k in r)
+        assert any(k.startswith("moe/") and k.endswith("/entropy") for k in r)
+    assert rows[-1]["tokens"] == 6 * 4 * 256
+    assert {"loss/text", "loss/discrete_action", "loss/continuous_action"} <= set().union(*rows)
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(f"eval/loss/{t}" in evals[-1] for t in TASKS)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert last["step"] == 6
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert yaml.safe_load((run / "config.yaml").read_text())["batch_size"] == 4
+    names = [p.name for p in ckpt.list_checkpoints(run)]
+    assert names == ["step_00000004", "step_00000006"]  # keep_last: 2
+    assert ckpt.verify_checkpoint(run / "checkpoints" / "step_00000006") is None
+
+
+def test_sigkill_at_a_random_step_then_resume_continues_exactly(tmp_path, tiny_suite):
+    config = write_config(tmp_path, tiny_suite, steps=10, checkpoint_every=2, eval_every=5)
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    args, env = cli("train", "--config", str(config), "--out", str(ref))
+    subprocess.run(args, env=env, check=True, capture_output=True, timeout=600)
+    kill_after = random.Random().randint(3, 8)
+    args, env = cli("train", "--config", str(config), "--out", str(run))
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= kill_after:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(read_metrics(run)) < 10, "the run finished before it could be killed"
+    subprocess.run(args, env=env, check=True, capture_output=True, timeout=600)
+    a, b = read_metrics(ref), read_metrics(run)
+    assert [r["step"] for r in b] == list(range(1, 11))
+    for x, y in zip(a, b):
+        assert x["loss"] == y["loss"], (kill_after, x["step"])
+        assert x["lr"] == y["lr"] and x["tokens"] == y["tokens"]
+    assert a[-1]["eval/loss"] == b[-1]["eval/loss"]
+
+
+def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path, tiny_suite):
+    run = tmp_path / "run"
+    trainer = Trainer(load_train_config(write_config(tmp_path, tiny_suite, checkpoint_every=1)), run)
+    trainer.train_step()
+    trainer.save()
+    with torch.no_grad():
+        trainer.model.embed.tokens.weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"at step 1.*step_00000001"):
+        trainer.train_step()
+
+
+def test_corrupt_checkpoint_is_skipped_with_a_warning(tmp_path, tiny_suite):
+    config = load_train_config(write_config(tmp_path, tiny_suite, steps=4, eval_every=100))
+    run = tmp_path / "run"
+    Trainer(config, run).fit()
+    newest = run / "checkpoints" / "step_00000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    with pytest.warns(UserWarning, match="step_00000004.*checksum"):
+        assert ckpt.latest_valid_checkpoint(run).name == "step_00000002"
+    trainer = Trainer(config, run)
+    with pytest.warns(UserWarning):
+        assert trainer.maybe_resume() == 2
+    assert trainer.loader.position == 0  # the loader is addressed by step, its state restored
+    assert trainer.tokens == 2 * 4 * 256
+
+
+# --------------------------------------------------------------- two processes on gloo
+def torchrun(*args, timeout=600):
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(29500 + random.Random().randint(0, 500)), *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_deepspeed_data_parallel_matches_one_process(tmp_path, tiny_suite):
+    config = write_config(tmp_path, tiny_suite, steps=10, eval_every=100, checkpoint_every=5)
+    one, two = tmp_path / "one", tmp_path / "two"
+    args, env = cli("train", "--config", str(config), "--out", str(one))
+    subprocess.run(args, env=env, check=True, capture_output=True, timeout=600)
+    torchrun("-m", "moe_gato.cli", "train", "--config", str(config), "--out", str(two),
+             "deepspeed.enabled=true", "deepspeed.zero_stage=1")
+    a, b = read_metrics(one), read_metrics(two)
+    assert len(a) == len(b) == 10
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5, x["step"]
+    assert (two / "checkpoints" / "step_00000010" / "deepspeed").is_dir()
+    assert ckpt.verify_checkpoint(two / "checkpoints" / "step_00000010") is None
+
+
+def test_expert_parallel_gives_the_loss_and_gradients_of_one_rank(tmp_path, tiny_suite):
+    torchrun("tests/dist/expert_parallel_check.py", str(tiny_suite), str(tmp_path))
+    for rank in (0, 1):
+        v = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert v["ep_loss"] == pytest.approx(v["ref_loss"], abs=1e-6)
+        assert v["max_rel_grad_err"] < 1e-5
+        assert v["num_expert_params"] == 2 * 4 * 2  # 2 layers x 4 groups x (w1, w2)
+        assert v["same_weights"]
+
+
+def test_expert_parallel_training_matches_one_process(tmp_path, tiny_suite):
+    config = write_config(tmp_path, tiny_suite, steps=4, eval_every=100, checkpoint_every=4)
+    one, two = tmp_path / "one", tmp_path / "two"
+    args, env = cli("train", "--config", str(config), "--out", str(one))
+    subprocess.run(args, env=env, check=True, capture_output=True, timeout=600)
+    torchrun("-m", "moe_gato.cli", "train", "--config", str(config), "--out", str(two),
+             "expert_parallel_size=2")
+    a, b = read_metrics(one), read_metrics(two)
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5
+    # the expert-parallel checkpoint holds the gathered, unsharded model
+    from safetensors.torch import load_file
+
+    w1 = load_file(str(one / "checkpoints" / "step_00000004" / "model.safetensors"))
+    w2 = load_file(str(two / "checkpoints" / "step_00000004" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)  # 4 AdamW steps
