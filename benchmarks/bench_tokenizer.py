@@ -24,7 +24,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import append_results, machine  # noqa: E402
-from moe_gato.demo import babyai_expert_episode, metaworld_expert_episode  # noqa: E402
+from moe_gato.demo import expert_episode  # noqa: E402
 from moe_gato.tokenizer import GatoTokenizer  # noqa: E402
 
 
@@ -67,14 +67,14 @@ def timed(fn, min_seconds: float = 1.0) -> float:
 
 def main() -> None:
     tok = GatoTokenizer()
-    mw_obs, mw_act, _ = metaworld_expert_episode("reach-v3", seed=0, max_steps=500)
+    mw, _ = expert_episode("metaworld/reach-v3", seed=0)
+    mw_obs, mw_act = mw.observations, mw.actions
     for seed in range(100):  # a typical-length GoTo episode (>= 20 steps), not a 3-step one
-        steps, ba_act, _ = babyai_expert_episode("BabyAI-GoTo-v0", seed=seed)
-        if len(ba_act) >= 20:
+        ba, env = expert_episode("babyai/BabyAI-GoTo-v0", seed=seed)
+        if len(ba) >= 20:
             break
-    ba_obs = {"direction": np.array([s["direction"] for s in steps]),
-              "image": np.stack([s["image"] for s in steps]),
-              "mission": [s["mission"] for s in steps]}
+    ba_obs = {k: v for k, v in ba.observations.items() if env.obs_spec[k].modality != "image"}
+    ba_act = ba.actions
     rows = []
     for name, obs, act, kind in (("Meta-World reach-v3", mw_obs, mw_act, "continuous"),
                                  ("BabyAI GoTo", ba_obs, ba_act, "discrete")):

@@ -2,7 +2,7 @@
 
     moe-gato demo                                   # the main job on the built-in default
     moe-gato build-text-tokenizer --vocab-size 8192 --out moe_gato/assets/text_8192.model
-    moe-gato tokenize --env BabyAI-GoToLocal-v0 --steps 2
+    moe-gato tokenize --task babyai/BabyAI-GoToLocal-v0 --steps 2
     moe-gato collect --suite default --out data/
     moe-gato train --config configs/train/tiny-moe.yaml --data data --out runs/tiny-moe
     python -m moe_gato.cli --help

@@ -1,108 +1,171 @@
-"""``moe-gato demo`` and ``moe-gato tokenize``: real expert episodes through the tokenizer.
+"""``moe-gato demo`` (the main job) and ``moe-gato tokenize``.
 
-    moe-gato demo                                     # BabyAI + Meta-World, first timestep each
-    moe-gato tokenize --env BabyAI-GoToLocal-v0 --steps 2
-    moe-gato tokenize --env metaworld/reach-v3 --steps 1 --seed 3
+    moe-gato demo                         # collect (or reuse) data/, train tiny-moe and its
+                                          # dense twin on the same tokens, compare them
+    moe-gato demo --steps 100 --out runs/quick
+    moe-gato tokenize --task babyai/BabyAI-GoToRedBall-v0 --seed 3
+    moe-gato tokenize --task metaworld/reach-v3 --steps 2
 
-The demo grows with the pipeline (collect, train, compare); today it runs the expert of a
-BabyAI level and of a Meta-World task for real and prints the tokens of their timesteps.
+The demo writes ``<out>/loss_curves.png`` (training loss per modality against tokens, both
+models, with their evaluation losses) and ``<out>/summary.md`` (a short table).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import warnings
+from pathlib import Path
 
 import numpy as np
 
 from moe_gato.tokenizer import GatoTokenizer, TokenSequence
 
-
-def babyai_expert_episode(env_id: str, seed: int, max_steps: int = 500):
-    """Runs ``BabyAIBot`` on a BabyAI level; returns (observations, actions, return)."""
-    import gymnasium as gym
-    import minigrid  # noqa: F401
-    from minigrid.utils.baby_ai_bot import BabyAIBot
-
-    if env_id not in gym.registry:
-        known = sorted(i for i in gym.registry if i.startswith("BabyAI-"))
-        raise ValueError(f"unknown BabyAI level {env_id!r}; known: {', '.join(known[:8])}, ...")
-    env = gym.make(env_id)
-    obs, _ = env.reset(seed=seed)
-    bot = BabyAIBot(env.unwrapped)
-    steps, actions, ret = [], [], 0.0
-    for _ in range(max_steps):
-        action = int(bot.replan())
-        steps.append(obs)
-        actions.append(action)
-        obs, reward, terminated, truncated, _ = env.step(action)
-        ret += float(reward)
-        if terminated or truncated:
-            break
-    env.close()
-    return steps, np.asarray(actions, np.int64), ret
+MODALITIES = ("text", "discrete_action", "continuous_action")
 
 
-def metaworld_expert_episode(task: str, seed: int, max_steps: int = 500):
-    """Runs Meta-World's scripted policy on an MT1 task until success or ``max_steps``."""
-    import gymnasium as gym
-    import metaworld  # noqa: F401  (registers Meta-World/MT1)
-    from metaworld.policies import ENV_POLICY_MAP
+# ------------------------------------------------------------------------ tokenize
+def expert_episode(task: str, seed: int):
+    """Runs the task's expert for real (the collectors' code); returns (episode, spec)."""
+    from moe_gato.data.tasks import TASKS, make_control_task
 
-    if task not in ENV_POLICY_MAP:
-        raise ValueError(f"unknown Meta-World task {task!r}; known: {', '.join(sorted(ENV_POLICY_MAP)[:8])}, ...")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        env = gym.make("Meta-World/MT1", env_name=task, seed=seed)
-        obs, _ = env.reset(seed=seed)
-        policy = ENV_POLICY_MAP[task]()
-        observations, actions, ret = [], [], 0.0
-        for _ in range(max_steps):
-            action = np.clip(policy.get_action(obs), -1.0, 1.0).astype(np.float32)
-            observations.append(np.asarray(obs, np.float32))
-            actions.append(action)
-            obs, reward, terminated, truncated, info = env.step(action)
-            ret += float(reward)
-            if terminated or truncated or info.get("success"):
-                break
+    spec = TASKS.get(task)
+    if spec is None or spec.kind != "control":
+        known = sorted(n for n, s in TASKS.items() if s.kind == "control")
+        raise ValueError(f"unknown control task {task!r}; known: {', '.join(known)}")
+    env = make_control_task(spec)
+    try:
+        episode = env.run_episode("expert", seed)
+    finally:
         env.close()
-    return {"state": np.stack(observations)}, np.stack(actions), ret
+    return episode, env
 
 
-def tokenize_env_episode(tok: GatoTokenizer, env: str, seed: int) -> tuple[TokenSequence, float]:
-    if env.startswith("metaworld/"):
-        obs, actions, ret = metaworld_expert_episode(env.split("/", 1)[1], seed)
-        return tok.tokenize_episode(obs, actions, action_kind="continuous"), ret
-    env_id = env.split("/", 1)[1] if env.startswith("babyai/") else env
-    steps, actions, ret = babyai_expert_episode(env_id, seed)
-    return tok.tokenize_episode(steps, actions, action_kind="discrete"), ret
+def tokenize_expert_episode(tok: GatoTokenizer, task: str, seed: int) -> tuple[TokenSequence, float]:
+    episode, env = expert_episode(task, seed)
+    seq = tok.tokenize_episode(episode.observations, episode.actions, action_kind=env.action_kind,
+                               spec={k: v.modality for k, v in env.obs_spec.items()})
+    return seq, episode.episode_return
 
 
 def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--env", default="BabyAI-GoToLocal-v0",
-                   help="a BabyAI level id (BabyAI-*) or metaworld/<task>-v3")
+    p.add_argument("--task", default="babyai/BabyAI-GoToLocal-v0",
+                   help="a control task (domain/env-id), e.g. metaworld/reach-v3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=1, help="timesteps to print")
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MUJOCO_GL", "egl")
     tok = GatoTokenizer()
-    seq, ret = tokenize_env_episode(tok, args.env, args.seed)
+    seq, ret = tokenize_expert_episode(tok, args.task, args.seed)
     steps = int(seq.timestep.max()) + 1
-    print(f"{args.env} seed {args.seed}: expert return {ret:.2f}, {steps} timesteps, "
+    print(f"{args.task} seed {args.seed}: expert return {ret:.2f}, {steps} timesteps, "
           f"{len(seq)} tokens, {int(seq.loss_mask.sum())} targets")
     print(tok.describe(seq, args.steps))
     return 0
 
 
+# ---------------------------------------------------------------------------- demo
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="data", help="suite folder (collected if missing)")
+    p.add_argument("--out", default="runs/demo", help="where the two runs and the plot go")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per model (default: the train configs' own)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from moe_gato.data.collect import collect
+    from moe_gato.train import load_train_config, train
+
     os.environ.setdefault("MUJOCO_GL", "egl")
-    for env in ("BabyAI-GoToLocal-v0", "metaworld/reach-v3"):
-        run_tokenize(argparse.Namespace(env=env, seed=args.seed, steps=1))
-        print()
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    out = Path(args.out)
+    print(f"[1/3] data: collecting the default suite into {args.data}/ (finished tasks are kept)")
+    collect("default", args.data)
+    runs = {}
+    for i, name in enumerate(("tiny-moe", "tiny-dense")):
+        print(f"[{2 + i}/3] training {name} -> {out / name}")
+        overrides = [f"steps={args.steps}"] if args.steps else []
+        cfg = load_train_config(f"configs/train/{name}.yaml", overrides)
+        train(cfg, out / name, data_dir=args.data)
+        runs[name] = out / name
+    png, table = compare_runs(runs, out)
+    print(table)
+    print(f"wrote {png} and {out / 'summary.md'}")
     return 0
+
+
+def _read(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def _smooth(y: np.ndarray, window: int = 25) -> np.ndarray:
+    if len(y) < window:
+        return y
+    kernel = np.ones(window) / window
+    return np.convolve(np.pad(y, (window - 1, 0), mode="edge"), kernel, mode="valid")
+
+
+def compare_runs(runs: dict[str, Path], out: Path) -> tuple[Path, str]:
+    """One PNG with a panel per modality (smoothed training loss and evaluation loss against
+    tokens, every run) and a markdown table of final losses, parameters and throughput."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import yaml
+
+    from moe_gato.model import build_model, load_config
+
+    fig, axes = plt.subplots(1, len(MODALITIES) + 1, figsize=(5 * (len(MODALITIES) + 1), 4))
+    rows = []
+    for (name, run), colour in zip(runs.items(), ("tab:red", "tab:blue", "tab:green")):
+        records = _read(run)
+        tokens = np.array([r["tokens"] for r in records])
+        for ax, key in zip(axes, ("loss",) + tuple(f"loss/{m}" for m in MODALITIES)):
+            sel = [i for i, r in enumerate(records) if key in r]
+            if sel:
+                ax.plot(tokens[sel], _smooth(np.array([records[i][key] for i in sel])),
+                        color=colour, label=f"{name} train")
+            ev = [r for r in records if f"eval/{key}" in r]
+            if ev:
+                ax.plot([r["tokens"] for r in ev], [r[f"eval/{key}"] for r in ev], "o--",
+                        color=colour, label=f"{name} eval")
+            ax.set_title(key)
+            ax.set_xlabel("training tokens")
+        cfg = yaml.safe_load((run / "config.yaml").read_text())["model"]
+        from moe_gato.config import from_dict
+        from moe_gato.model import ModelConfig
+
+        model = build_model(from_dict(ModelConfig, cfg))
+        last = records[-20:]
+        evals = [r for r in records if "eval/loss" in r]
+        row = {"run": name, "params": model.num_params(), "active": model.num_active_params(),
+               "tokens": records[-1]["tokens"],
+               "tokens_per_s": float(np.median([r["tokens_per_s"] for r in records]))}
+        for m in ("loss",) + tuple(f"loss/{m}" for m in MODALITIES):
+            vals = [r[m] for r in last if m in r]
+            row[m] = float(np.mean(vals)) if vals else float("nan")
+        row["eval/loss"] = evals[-1]["eval/loss"] if evals else float("nan")
+        rows.append(row)
+    axes[0].set_ylabel("next-token loss (nats)")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle("MoE-Gato tiny-moe vs its dense twin (equal active parameters, same tokens)")
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / "loss_curves.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    head = ("| run | params | active/token | tokens | tokens/s | train loss | text | "
+            "discrete action | continuous action | eval loss |\n|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head] + [
+        f"| {r['run']} | {r['params'] / 1e6:.2f}M | {r['active'] / 1e6:.2f}M | {r['tokens']:,} | "
+        f"{r['tokens_per_s']:.0f} | {r['loss']:.3f} | {r['loss/text']:.3f} | "
+        f"{r['loss/discrete_action']:.3f} | {r['loss/continuous_action']:.3f} | {r['eval/loss']:.3f} |"
+        for r in rows]
+    table = "\n".join(lines)
+    (out / "summary.md").write_text(table + "\n\nTrain losses: mean of the last 20 steps.\n")
+    return png, table

@@ -10,14 +10,14 @@ def _cli(*args):
 
 
 def test_tokenize_prints_a_real_timestep():
-    out = _cli("tokenize", "--env", "BabyAI-GoToRedBall-v0", "--seed", "3")
+    out = _cli("tokenize", "--task", "babyai/BabyAI-GoToRedBall-v0", "--seed", "3")
     assert out.returncode == 0, out.stderr
     assert "separator" in out.stdout and "'go to the red ball'" in out.stdout
 
 
 def test_bad_arguments_are_clear_errors():
-    out = _cli("tokenize", "--env", "BabyAI-NoSuchLevel-v0")
+    out = _cli("tokenize", "--task", "babyai/BabyAI-NoSuchLevel-v0")
     assert out.returncode == 2
-    assert "unknown BabyAI level" in out.stderr and "Traceback" not in out.stderr
+    assert "unknown control task" in out.stderr and "Traceback" not in out.stderr
     out = _cli("no-such-command")
     assert out.returncode == 2 and "invalid choice" in out.stderr

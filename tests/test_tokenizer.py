@@ -328,29 +328,33 @@ def test_token_sequence_slice_keeps_patches(tok):
 
 # ---------------------------------------------------------------- real environments
 def test_real_babyai_timestep(tok):
-    from moe_gato.demo import babyai_expert_episode
+    from moe_gato.demo import expert_episode
 
-    steps, actions, ret = babyai_expert_episode("BabyAI-GoToRedBall-v0", seed=3)
-    assert ret > 0.5
-    seq = tok.tokenize_episode(steps, actions, action_kind="discrete")
-    mission = tok.text.encode(steps[0]["mission"])
+    episode, env = expert_episode("babyai/BabyAI-GoToRedBall-v0", seed=3)
+    assert episode.episode_return > 0.5
+    obs = {k: v for k, v in episode.observations.items() if env.obs_spec[k].modality != "image"}
+    seq = tok.tokenize_episode(obs, episode.actions, action_kind="discrete")
+    mission = tok.text.encode(obs["mission"][0])
     per_step = 1 + 147 + len(mission) + 1 + 1  # direction, 7x7x3 grid, mission, '|', action
-    assert len(seq) == len(actions) * per_step
-    assert seq.tokens[0] == steps[0]["direction"]
-    np.testing.assert_array_equal(seq.tokens[1:148], steps[0]["image"].reshape(-1))
-    np.testing.assert_array_equal(seq.tokens[per_step - 1::per_step], actions)
+    assert len(seq) == len(episode) * per_step
+    assert seq.tokens[0] == obs["direction"][0]
+    np.testing.assert_array_equal(seq.tokens[1:148], np.asarray(obs["grid"][0]).reshape(-1))
+    np.testing.assert_array_equal(seq.tokens[per_step - 1::per_step], episode.actions)
 
 
 def test_real_metaworld_timestep(tok):
-    from moe_gato.demo import metaworld_expert_episode
+    from moe_gato.demo import expert_episode
 
-    obs, actions, ret = metaworld_expert_episode("reach-v3", seed=0, max_steps=20)
-    seq = tok.tokenize_episode(obs, actions, action_kind="continuous")
-    assert len(seq) == len(actions) * (39 + 1 + 4)
-    np.testing.assert_array_equal(seq.tokens[:39], continuous_to_tokens(obs["state"][0], tok.layout))
+    episode, env = expert_episode("metaworld/reach-v3", seed=0)
+    (key,) = episode.observations
+    state = np.asarray(episode.observations[key])
+    seq = tok.tokenize_episode(episode.observations, episode.actions, action_kind="continuous")
+    assert len(seq) == len(episode) * (39 + 1 + 4)
+    np.testing.assert_array_equal(seq.tokens[:39], continuous_to_tokens(state[0], tok.layout))
     back = tok.detokenize_actions(seq.tokens[seq.kinds == Kind.CONTINUOUS_ACTION].reshape(-1, 4),
                                   "continuous", 4)
-    assert np.abs(mu_law_encode(back) - mu_law_encode(actions.astype(np.float64))).max() <= 1 / 1024 + 1e-9
+    err = np.abs(mu_law_encode(back) - mu_law_encode(episode.actions.astype(np.float64)))
+    assert err.max() <= 1 / 1024 + 1e-9
 
 
 def test_shipped_text_model_is_reproducible(tmp_path):

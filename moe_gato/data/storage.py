@@ -143,6 +143,7 @@ class TaskData:
                             f"declares {self.meta['rows']}; collect again with --overwrite")
         self.kind = self.meta["kind"]
         self.name = self.meta["task"]
+        self._recent: dict[int, Episode] = {}
         if self.kind == "control":
             self.obs_spec = {k: FieldSpec.from_json(v) for k, v in self.meta["obs_spec"].items()}
 
@@ -150,6 +151,16 @@ class TaskData:
         return len(self.ds)
 
     def episode(self, i: int) -> Episode:
+        """Episode ``i`` (arrays are read-only views of the row's bytes). The last two rows
+        read are kept: a long episode (Atari: ~20k frames) is cropped many times over."""
+        i = int(i)
+        hit = self._recent.get(i)
+        if hit is None:
+            hit = self._read_episode(i)
+            self._recent = {**dict(list(self._recent.items())[-1:]), i: hit}
+        return hit
+
+    def _read_episode(self, i: int) -> Episode:
         row = self.ds[int(i)]
         T = row["length"]
         obs: dict[str, Any] = {}

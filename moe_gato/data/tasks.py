@@ -58,7 +58,7 @@ def _registry() -> dict[str, TaskSpec]:
     specs += [TaskSpec(name=f"metaworld/{t}", episodes=12) for t in METAWORLD_TASKS]
     specs.append(TaskSpec(name="metaworld/drawer-close-v3", episodes=5, held_out=True))
     specs += [TaskSpec(name=f"classic/{e}", episodes=20) for e in CLASSIC]
-    specs.append(TaskSpec(name="atari/Pong", episodes=1))
+    specs.append(TaskSpec(name="atari/Pong", episodes=2))  # one for validation
     specs.append(TaskSpec(name="atari/Breakout", episodes=3))
     specs.append(TaskSpec(name="vl/digits", kind="caption", episodes=1797))
     specs.append(TaskSpec(name="vl/babyai", kind="caption", episodes=2000))

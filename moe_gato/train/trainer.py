@@ -395,7 +395,12 @@ class Trainer:
         total, count = 0.0, 0.0
         kind_sum = np.zeros(len(KIND_NAMES))
         kind_n = np.zeros(len(KIND_NAMES))
+        from moe_gato.data.loader import split_rows
+
         for task in self.cfg.data.tasks:
+            if not len(split_rows(len(self.loader.data[task]), self.cfg.data.validation_fraction,
+                                  "validation")):
+                continue  # a task with a single row has no validation split
             cfg = dataclasses.replace(self.cfg.data, tasks={task: 1.0})
             loader = SequenceLoader(cfg, split="validation", seed=12345, data_dir=self.data_dir,
                                     tokenizer=self.loader.tok)
