@@ -292,3 +292,32 @@ def test_generate_restricts_ids_and_matches_greedy_forward():
     assert torch.equal(ids[:, 0], full)
     with pytest.raises(ValueError, match="kind"):
         model.generate(batch, 1, kind=Kind.IMAGE)
+
+
+@pytest.mark.parametrize("E,K,T,capacity", [(8, 2, 37, None), (4, 1, 16, None), (6, 3, 29, 5),
+                                              (64, 4, 50, None)])
+def test_fused_torch_expert_ffn_matches_kernel_path(E, K, T, capacity):
+    """gemm='auto' (the fused autograd.Function) equals the kernels' grouped path, forward
+    and backward, with empty experts, capacity drops and a non-contiguous input."""
+    from moe_gato.model.dispatch import expert_ffn
+
+    g = torch.Generator().manual_seed(E * 100 + K)
+    D, F_ = 12, 20
+    x = torch.randn(D, T, generator=g).t()  # non-contiguous (T, D)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    ids[ids == E - 1] = 0  # expert E-1 gets no tokens
+    gates = torch.rand(T, K, generator=g)
+    w1 = torch.randn(E, D, F_, generator=g) * 0.3
+    w2 = torch.randn(E, F_, D, generator=g) * 0.3
+    outs = []
+    for gemm in ("auto", "grouped"):
+        leaves = [t.clone().requires_grad_() for t in (x, gates, w1, w2)]
+        y, kept = expert_ffn(leaves[0], ids, leaves[1], leaves[2], leaves[3], capacity=capacity,
+                             impl="torch", gemm=gemm)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), kept, [t.grad for t in leaves]))
+    (ya, ka, ga), (yb, kb, gb) = outs
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ka, kb)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
