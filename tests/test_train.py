@@ -73,6 +73,8 @@ def test_token_budget_sets_steps_and_bad_keys_are_named(tmp_path, tiny_suite):
         load_train_config(path, ["model.moe.top_k=9"])
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         load_train_config(path, ["batch_size=5"])
+    with pytest.raises(ValueError, match="expert_parallel_size"):
+        load_train_config(path, ["deepspeed.enabled=true", "expert_parallel_size=2"])
 
 
 def test_weight_decay_on_matrices_only(tmp_path, tiny_suite):

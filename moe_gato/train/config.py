@@ -101,6 +101,9 @@ class TrainConfig:
             raise ValueError(f"tokens must be >= 1, got {self.tokens}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.deepspeed.enabled and self.expert_parallel_size > 1:
+            raise ValueError("expert_parallel_size > 1 runs on torch.distributed (torchrun), not "
+                             "under deepspeed.enabled: true; choose one of the two")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of "
                              f"micro_batch_size ({self.micro_batch_size})")
