@@ -21,7 +21,7 @@ import yaml
 
 C = TypeVar("C")
 
-__all__ = ["from_dict", "to_dict", "load_yaml", "parse_overrides", "apply_overrides",
+__all__ = ["deep_merge", "from_dict", "to_dict", "load_yaml", "parse_overrides", "apply_overrides",
            "load_config", "save_config"]
 
 
@@ -126,6 +126,14 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, dict):
         return {k: to_dict(v) for k, v in cfg.items()}
     return cfg
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top`` laid over it, mappings merged key by key."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from moe_gato.config import apply_overrides, from_dict, load_yaml
+from moe_gato.config import apply_overrides, deep_merge, from_dict, load_yaml
 from moe_gato.data.mixture import MixtureConfig
 from moe_gato.model import ModelConfig
 
@@ -123,13 +123,6 @@ class TrainConfig:
         return int(self.steps)
 
 
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _resolve_path(path: str, base: Path | None) -> Path:
     p = Path(path)
     if p.is_file():
@@ -152,7 +145,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str,
             data[key] = load_yaml(_resolve_path(value, base))
         elif isinstance(value, dict) and "preset" in value:
             rest = {k: v for k, v in value.items() if k != "preset"}
-            data[key] = _merge(load_yaml(_resolve_path(value["preset"], base)), rest)
+            data[key] = deep_merge(load_yaml(_resolve_path(value["preset"], base)), rest)
     data = apply_overrides(data, overrides)
     if "data" not in data:
         raise ValueError("the training config needs data: a mixture file or mapping")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_gato.config import save_config, to_dict
+from moe_gato.config import deep_merge, save_config
 from moe_gato.model import build_model
 from moe_gato.model.moe import ModalityRoutedMoE
 from moe_gato.tokenizer import KIND_NAMES, collate
@@ -230,7 +230,7 @@ class Trainer:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        ds_config = _merge(ds_config, cfg.deepspeed.extra)
+        ds_config = deep_merge(ds_config, cfg.deepspeed.extra)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=ds_config)
 
@@ -460,13 +460,6 @@ class Trainer:
             bar.close()
             log.close()
         return last
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 KIND_NAMES_INDEX = {name: int(k) for k, name in KIND_NAMES.items()}
