@@ -152,6 +152,14 @@ def routing_metrics(routing: list[dict]) -> dict[str, float]:
     return out
 
 
+def _parse_json(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class MetricsLog:
     """metrics.jsonl (one object per logged step) and TensorBoard, written by rank 0."""
 
@@ -161,9 +169,10 @@ class MetricsLog:
         self.tb = None
         if not enabled:
             return
-        if resume_step is not None and self.path.exists():  # drop steps after the checkpoint
+        if resume_step is not None and self.path.exists():
+            # drop the steps after the checkpoint, and a last line cut short by a kill
             keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+                    if (record := _parse_json(ln)) is not None and record.get("step", 0) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
