@@ -75,6 +75,8 @@ def test_token_budget_sets_steps_and_bad_keys_are_named(tmp_path, tiny_suite):
         load_train_config(path, ["model.moe.top_k=9"])
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         load_train_config(path, ["batch_size=5"])
+    with pytest.raises(ValueError, match="zero_stage must be 0 or 1.*order"):
+        load_train_config(path, ["deepspeed.enabled=true", "deepspeed.zero_stage=2"])
     with pytest.raises(ValueError, match="expert_parallel_size"):
         load_train_config(path, ["deepspeed.enabled=true", "expert_parallel_size=2"])
 
