@@ -65,7 +65,10 @@ class GatoEmbedding(nn.Module):
         kinds_BL, local_pos_BL = batch["kinds"], batch["local_pos"]
         x_BLD = self.tokens(batch["tokens"])
         is_image_BL = kinds_BL == Kind.IMAGE
-        if batch.get("patches") is not None and batch["patches"].shape[0] > 0:
+        patches = batch.get("patches")
+        # with gradients recorded the patch block runs even without images, so that the
+        # backward graph has the same shape on every data-parallel rank
+        if patches is not None and (patches.shape[0] > 0 or torch.is_grad_enabled()):
             rc_P4 = batch["image_rc"][is_image_BL]
             image_PD = (self.patches(batch["patches"].to(x_BLD.dtype))
                         + self.rows(self._bins(rc_P4[:, 0], rc_P4[:, 1]))

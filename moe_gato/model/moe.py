@@ -82,34 +82,28 @@ class ModalityRoutedMoE(nn.Module):
     def forward(self, x_TD: torch.Tensor, kinds_T: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, GroupRouting]]:
         group_T = self.group_of_kind[kinds_T]
-        # expert parallel: every rank joins every group's all-to-all, even without tokens
-        parallel = any(g.expert_parallel is not None for g in self.groups.values())
+        # While gradients are recorded every group runs, with or without tokens, so that the
+        # backward graph has the same shape on every rank: expert parallelism needs every
+        # rank in every exchange, and reductions that bucket gradients in the order they
+        # become ready (ZeRO-2) would otherwise mix up parameters between ranks.
+        uniform = torch.is_grad_enabled() or any(
+            g.expert_parallel is not None for g in self.groups.values())
         y_TD, routing = None, {}
         for g, (name, group) in enumerate(self.groups.items()):
             index_t = (group_T == g).nonzero().squeeze(1)  # (t,)
-            if index_t.numel() == 0:
-                if parallel:
-                    y_TD = self._join_exchange(group, x_TD, y_TD)
+            if index_t.numel() == 0 and not uniform:
                 continue
-            whole = index_t.numel() == x_TD.shape[0]  # one group only: skip gather/scatter
+            whole = index_t.numel() == x_TD.shape[0] and not uniform  # skip gather/scatter
             x_tD = x_TD if whole else x_TD.index_select(0, index_t)
-            y_tD, routing[name] = self._route(group, x_tD, index_t)
-            if whole and not parallel:
+            y_tD, group_routing = self._route(group, x_tD, index_t)
+            if index_t.numel():
+                routing[name] = group_routing
+            if whole:
                 return y_tD, routing
             if y_TD is None:
                 y_TD = x_TD.new_zeros(x_TD.shape)
             y_TD = y_TD.index_copy(0, index_t, y_tD)
         return y_TD, routing
-
-    def _join_exchange(self, group: ExpertGroup, x_TD: torch.Tensor, y_TD: torch.Tensor | None):
-        """Sends no tokens but serves the tokens other ranks send to this rank's experts;
-        the empty result joins the graph so that backward runs the same exchange."""
-        K = self.moe.experts_per_token
-        ids_0K = torch.zeros(0, K, dtype=torch.long, device=x_TD.device)
-        y_0D, _ = group.expert_parallel(x_TD[:0], ids_0K, x_TD.new_zeros(0, K),
-                                        group.w1_EDF, group.w2_EFD)
-        base = y_TD if y_TD is not None else x_TD.new_zeros(x_TD.shape)
-        return base + y_0D.sum()
 
     def _route(self, group: ExpertGroup, x_tD: torch.Tensor, index_t: torch.Tensor
                ) -> tuple[torch.Tensor, GroupRouting]:
@@ -122,9 +116,12 @@ class ModalityRoutedMoE(nn.Module):
         if cfg.renormalize:
             gates_tK = gates_tK / gates_tK.sum(dim=-1, keepdim=True)
         load_E = torch.bincount(expert_ids_tK.reshape(-1), minlength=E)
-        # Switch: E * sum_e (fraction of slots to e) * (mean router probability of e)
-        aux_loss = E * torch.dot(load_E.float() / expert_ids_tK.numel(), probs_tE.mean(0))
-        z_loss = torch.logsumexp(logits_tE, dim=-1).square().mean()
+        if x_tD.shape[0]:
+            # Switch: E * sum_e (fraction of slots to e) * (mean router probability of e)
+            aux_loss = E * torch.dot(load_E.float() / expert_ids_tK.numel(), probs_tE.mean(0))
+            z_loss = torch.logsumexp(logits_tE, dim=-1).square().mean()
+        else:  # a group without tokens (see forward): zero, still in the graph
+            aux_loss = z_loss = logits_tE.sum()
         capacity = expert_capacity(x_tD.shape[0], K, E, cfg.capacity_factor)
         if group.expert_parallel is not None:
             y_tD, kept_E = group.expert_parallel(x_tD, expert_ids_tK, gates_tK.to(x_tD.dtype),

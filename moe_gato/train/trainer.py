@@ -335,9 +335,9 @@ class Trainer:
             # data parallelism averages gradients over ranks
             lm = out.lm_loss * targets[micro] / total_targets * d.world
             aux = (out.aux_loss + out.z_loss) / self.accum
-            # every parameter joins the graph (with a zero gradient when unused, e.g. the
-            # image experts of a batch without images) so that data-parallel reductions see
-            # the same gradients on every rank
+            # every parameter joins the graph, so that data-parallel reductions see the same
+            # gradients on every rank (the model already runs every expert group and the patch
+            # block without tokens while training; this covers any parameter left out)
             touch = sum(p.view(-1)[0] for p in model.parameters()) * 0.0
             loss = lm + aux + touch
             if self.engine is not None:
