@@ -160,6 +160,21 @@ def _parse_json(line: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def add_kind_losses(sums_K2: torch.Tensor, batch: dict, out) -> None:
+    """Adds (mean loss x targets, targets) of each target kind in ``out`` to its row."""
+    target_kinds = batch["kinds"][:, 1:][batch["loss_mask"][:, 1:]]
+    for name, value in out.kind_losses.items():
+        k = KIND_NAMES_INDEX[name]
+        n = float((target_kinds == k).sum())
+        sums_K2[k, 0] += float(value) * n
+        sums_K2[k, 1] += n
+
+
+def kind_means(sums_K2: torch.Tensor, prefix: str) -> dict[str, float]:
+    return {f"{prefix}{name}": float(sums_K2[k, 0] / sums_K2[k, 1])
+            for name, k in KIND_NAMES_INDEX.items() if sums_K2[k, 1] > 0}
+
+
 class MetricsLog:
     """metrics.jsonl (one object per logged step) and TensorBoard, written by rank 0."""
 
@@ -214,11 +229,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.accum = cfg.batch_size // (cfg.micro_batch_size * self.dist.world)
         self.engine = None
         if cfg.deepspeed.enabled:
             self._init_deepspeed()
         self.loader = SequenceLoader(cfg.data, split="train", seed=cfg.seed, data_dir=self.data_dir)
-        self.accum = cfg.batch_size // (cfg.micro_batch_size * self.dist.world)
         self.step = 0
         self.tokens = 0
         self.peak_flops = cfg.peak_flops or measure_peak_flops(self.dist.device)
@@ -231,7 +246,7 @@ class Trainer:
         ds_config = {
             "train_batch_size": cfg.batch_size,
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-            "gradient_accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * self.dist.world),
+            "gradient_accumulation_steps": self.accum,
             "gradient_clipping": cfg.optim.grad_clip,
             "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
             "zero_allow_untested_optimizer": True,
@@ -318,7 +333,8 @@ class Trainer:
         batches = [self.micro_batch(self.step, m) for m in range(self.accum)]
         targets = torch.tensor([float(b["loss_mask"][:, 1:].sum()) for b in batches])
         total_targets = all_reduce_sum(targets.sum().clone()).clamp(min=1)
-        sums = torch.zeros(2 + len(KIND_NAMES) * 2, dtype=torch.float64)  # loss, aux+z, per kind
+        # loss sum, aux + z, then (loss sum, targets) per kind: one all-reduce for all of it
+        sums = torch.zeros(2 + len(KIND_NAMES) * 2, dtype=torch.float64)
         routing_last = None
         start = time.perf_counter()
         for micro, batch in enumerate(batches):
@@ -346,12 +362,7 @@ class Trainer:
                 loss.backward()
             sums[0] += float(out.lm_loss.detach()) * float(targets[micro])
             sums[1] += float(aux.detach())
-            target_kinds = batch["kinds"][:, 1:][batch["loss_mask"][:, 1:]]
-            for name, value in out.kind_losses.items():
-                k = KIND_NAMES_INDEX[name]
-                n = float((target_kinds == k).sum())
-                sums[2 + 2 * k] += float(value) * n
-                sums[3 + 2 * k] += n
+            add_kind_losses(sums[2:].view(-1, 2), batch, out)
             routing_last = out.routing
         grad_norm = self._optimizer_step(model)
         if cfg.model.ffn == "moe" and cfg.model.moe.bias_balancing and routing_last:
@@ -372,9 +383,7 @@ class Trainer:
                   "tokens_per_s": tps,
                   "mfu": self._module().mfu(tps / d.world, self.peak_flops,
                                             seq_len=cfg.data.context_len)}
-        for name, k in KIND_NAMES_INDEX.items():
-            if sums[3 + 2 * k] > 0:
-                record[f"loss/{name}"] = float(sums[2 + 2 * k] / sums[3 + 2 * k])
+        record.update(kind_means(sums[2:].view(-1, 2), "loss/"))
         if routing_last:
             record.update(routing_metrics(routing_last))
         return record
@@ -396,16 +405,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation loss per task and per target kind, on ``eval_sequences`` per task."""
-        from moe_gato.data.loader import SequenceLoader
+        from moe_gato.data.loader import SequenceLoader, split_rows
 
         model = self._module()
         model.eval()
         record: dict[str, float] = {}
         total, count = 0.0, 0.0
-        kind_sum = np.zeros(len(KIND_NAMES))
-        kind_n = np.zeros(len(KIND_NAMES))
-        from moe_gato.data.loader import split_rows
-
+        kinds_K2 = torch.zeros(len(KIND_NAMES), 2, dtype=torch.float64)
         for task in self.cfg.data.tasks:
             if not len(split_rows(len(self.loader.data[task]), self.cfg.data.validation_fraction,
                                   "validation")):
@@ -422,19 +428,12 @@ class Trainer:
                 n = float(batch["loss_mask"][:, 1:].sum())
                 t_sum += float(out.lm_loss) * n
                 t_n += n
-                target_kinds = batch["kinds"][:, 1:][batch["loss_mask"][:, 1:]]
-                for name, value in out.kind_losses.items():
-                    k = KIND_NAMES_INDEX[name]
-                    m = float((target_kinds == k).sum())
-                    kind_sum[k] += float(value) * m
-                    kind_n[k] += m
+                add_kind_losses(kinds_K2, batch, out)
             record[f"eval/loss/{task}"] = t_sum / max(t_n, 1)
             total += t_sum
             count += t_n
         record["eval/loss"] = total / max(count, 1)
-        for name, k in KIND_NAMES_INDEX.items():
-            if kind_n[k]:
-                record[f"eval/loss/{name}"] = kind_sum[k] / kind_n[k]
+        record.update(kind_means(kinds_K2, "eval/loss/"))
         model.train()
         return record
 
