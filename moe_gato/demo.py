@@ -27,7 +27,7 @@ MODALITIES = ("text", "discrete_action", "continuous_action")
 # ------------------------------------------------------------------------ tokenize
 def expert_episode(task: str, seed: int):
     """Runs the task's expert for real (the collectors' code); returns (episode, spec)."""
-    from moe_gato.data.tasks import TASKS, make_control_task
+    from moe_gato.envs import TASKS, ExpertActor, make_control_task, run_episode
 
     spec = TASKS.get(task)
     if spec is None or spec.kind != "control":
@@ -35,7 +35,7 @@ def expert_episode(task: str, seed: int):
         raise ValueError(f"unknown control task {task!r}; known: {', '.join(known)}")
     env = make_control_task(spec)
     try:
-        episode = env.run_episode("expert", seed)
+        episode = run_episode(env, ExpertActor(), seed)
     finally:
         env.close()
     return episode, env

@@ -13,10 +13,10 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from moe_gato.data import (DataError, MixtureConfig, SequenceLoader, TaskData, read_manifest,  # noqa: E402
-                           resolve_tasks)
+from moe_gato.data import DataError, MixtureConfig, SequenceLoader, TaskData, read_manifest  # noqa: E402
 from moe_gato.data.collect import collect  # noqa: E402
-from moe_gato.data.control import ClassicTask  # noqa: E402
+from moe_gato.envs import ExpertActor, RandomActor, resolve_tasks, run_episode  # noqa: E402
+from moe_gato.envs.classic import ClassicTask  # noqa: E402
 from moe_gato.data.loader import split_rows  # noqa: E402
 
 SUITE_TASKS = ["classic/CartPole-v1", "classic/Pendulum-v1", "babyai/BabyAI-GoToLocal-v0",
@@ -44,8 +44,8 @@ def test_unknown_task_lists_known():
     ("Pendulum-v1", -400, -800), ("MountainCarContinuous-v0", 80, 0)])
 def test_classic_experts_near_maximal(env_id, expert_min, random_max):
     task = ClassicTask(env_id)
-    expert = np.mean([task.run_episode("expert", s, record=False).episode_return for s in range(5)])
-    rand = np.mean([task.run_episode("random", 100 + s, record=False).episode_return for s in range(5)])
+    expert = np.mean([run_episode(task, ExpertActor(), s, record=False).episode_return for s in range(5)])
+    rand = np.mean([run_episode(task, RandomActor(), 100 + s, record=False).episode_return for s in range(5)])
     assert expert >= expert_min
     assert rand <= random_max
 
@@ -113,7 +113,7 @@ def test_round_trip_returns(suite):
         assert row["task"] == "classic/CartPole-v1"
     # the same seeds give the same episodes
     task = ClassicTask("CartPole-v1")
-    again = task.run_episode("expert", data.ds[0]["seed"])
+    again = run_episode(task, ExpertActor(), data.ds[0]["seed"])
     np.testing.assert_array_equal(again.actions, data.episode(0).actions)
     np.testing.assert_array_equal(again.observations["state"], data.episode(0).observations["state"])
 
@@ -238,15 +238,15 @@ def test_mixture_config_validation():
 
 
 def test_pong_player_and_metaworld_pixels():
-    from moe_gato.data.atari import AtariTask
-    from moe_gato.data.meta_world import MetaWorldTask
+    from moe_gato.envs.atari import AtariTask
+    from moe_gato.envs.meta_world import MetaWorldTask
 
     pong = AtariTask("Pong")
     pong.max_steps = 300
-    ep = pong.run_episode("expert", 0)
+    ep = run_episode(pong, ExpertActor(), 0)
     assert ep.observations["frame"].shape == (300, 64, 64) and ep.actions.max() < pong.action_dim
     mw = MetaWorldTask("reach-v3", images=True, horizon=5)
-    ep = mw.run_episode("expert", 0)
+    ep = run_episode(mw, ExpertActor(), 0)
     rgb = ep.observations["rgb"]
     assert rgb.shape == (5, 64, 64, 3) and rgb.dtype == np.uint8 and rgb.std() > 10
 

@@ -37,7 +37,7 @@ def run_collect(args: argparse.Namespace) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")
     from moe_gato.data.collect import collect
     from moe_gato.data.storage import DataError
-    from moe_gato.data.tasks import resolve_tasks
+    from moe_gato.envs.tasks import resolve_tasks
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     try:

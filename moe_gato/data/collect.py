@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from moe_gato.data import storage
-from moe_gato.data.tasks import RETURN_EPISODES, TASKS, TaskSpec, make_control_task, resolve_tasks
+from moe_gato.envs import (RETURN_EPISODES, TASKS, ExpertActor, RandomActor, TaskSpec,
+                           make_control_task, resolve_tasks, run_episode)
 
 
 def _options(spec: TaskSpec, episodes: int | None, seed: int,
@@ -45,9 +46,10 @@ def _tick(progress, n: int = 1) -> None:
 def _collect_control(spec: TaskSpec, opts: dict, progress) -> tuple[dict, object, dict]:
     task = make_control_task(spec)
     n_store, seed, n_returns = opts["episodes"], opts["seed"], opts["return_episodes"]
+    expert_actor, rand = ExpertActor(), RandomActor()
     expert, returns, successes = [], [], []
     for i in range(max(n_store, n_returns)):
-        ep = task.run_episode("expert", seed * 1_000_000 + i, record=i < n_store)
+        ep = run_episode(task, expert_actor, seed * 1_000_000 + i, record=i < n_store)
         returns.append(ep.episode_return)
         successes.append(ep.success)
         if i < n_store:
@@ -55,7 +57,7 @@ def _collect_control(spec: TaskSpec, opts: dict, progress) -> tuple[dict, object
         _tick(progress)
     random_returns = []
     for i in range(n_returns):
-        ep = task.run_episode("random", seed * 1_000_000 + 500_000 + i, record=False)
+        ep = run_episode(task, rand, seed * 1_000_000 + 500_000 + i, record=False)
         random_returns.append(ep.episode_return)
         _tick(progress)
     task.close()

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_gato.data import storage
-from moe_gato.data.episode import Episode
+from moe_gato.envs.episode import Episode
 from moe_gato.data.mixture import MixtureConfig
 
 CROP_CONTEXTS = 8

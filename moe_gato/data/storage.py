@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_gato.data.episode import Episode, FieldSpec
+from moe_gato.envs.episode import Episode, FieldSpec
 
 FORMAT_VERSION = 1
 TASK_FILE = "task.json"

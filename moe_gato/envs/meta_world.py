@@ -14,8 +14,8 @@ import os
 
 import numpy as np
 
-from moe_gato.data.control import GymTask
-from moe_gato.data.episode import FieldSpec
+from moe_gato.envs.base import GymTask
+from moe_gato.envs.episode import FieldSpec
 
 IMAGE_SIZE = 64
 HORIZON = 150

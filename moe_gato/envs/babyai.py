@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_gato.data.control import GymTask
-from moe_gato.data.episode import FieldSpec
+from moe_gato.envs.base import GymTask
+from moe_gato.envs.episode import FieldSpec
 
 TILE = 8
 

@@ -87,15 +87,15 @@ def resolve_tasks(suite: str = "default", names: list[str] | None = None) -> lis
 def make_control_task(spec: TaskSpec):
     """The ``ControlTask`` (env + expert) of a control task."""
     if spec.domain == "babyai":
-        from moe_gato.data.babyai import BabyAITask
+        from moe_gato.envs.babyai import BabyAITask
         return BabyAITask(spec.env_id, images=spec.images)
     if spec.domain == "metaworld":
-        from moe_gato.data.meta_world import MetaWorldTask
+        from moe_gato.envs.meta_world import MetaWorldTask
         return MetaWorldTask(spec.env_id, images=spec.images)
     if spec.domain == "classic":
-        from moe_gato.data.control import ClassicTask
+        from moe_gato.envs.classic import ClassicTask
         return ClassicTask(spec.env_id)
     if spec.domain == "atari":
-        from moe_gato.data.atari import AtariTask
+        from moe_gato.envs.atari import AtariTask
         return AtariTask(spec.env_id)
     raise ValueError(f"{spec.name} is not a control task")
