@@ -3,7 +3,9 @@
 Stored fields per step: ``state`` (39,) float32 (continuous) and with ``images=True``
 ``rgb`` (64, 64, 3) uint8 from the ``corner`` camera, rendered headless
 (``MUJOCO_GL=egl``) with shadows, reflections, skybox and multisampling off.
-Actions are 4-d in [-1, 1] (the env's own range). Episodes run a fixed horizon
+Actions are 4-d in [-1, 1] (the env's own range). The object and goal positions of an
+episode are drawn from the task's random reset space with the episode's seed. Episodes
+run a fixed horizon
 (``max_steps``, default 150: every expert of the suite succeeds well within it), so expert
 and random returns sum the same number of dense rewards.
 """
@@ -53,6 +55,18 @@ class MetaWorldTask(GymTask):
             quality.shadowsize = 0
             quality.offsamples = 0
         self._fast_scene = False
+        # MT1 picks one of 50 goal configurations per reset from a generator seeded when the
+        # env is built, whatever seed reset() gets: a fresh env replays the same goals.
+        # Instead every episode samples its own from its seed (reset below), so that
+        # evaluation seeds give configurations the collection never saw.
+        self.env.get_wrapper_attr("sample_tasks")()  # sets a task: goal observed, steps allowed
+        self.env.get_wrapper_attr("toggle_sample_tasks_on_reset")(False)
+
+    def reset(self, seed: int):
+        base = self.env.unwrapped
+        base.seed(seed)
+        base._freeze_rand_vec, base.seeded_rand_vec = False, True
+        return super().reset(seed)
 
     def expert_action(self, raw_obs) -> np.ndarray:
         return np.clip(self.policy.get_action(raw_obs), -1.0, 1.0).astype(np.float32)

@@ -84,25 +84,126 @@ class GatoEmbedding(nn.Module):
 
 
 class KVCache:
-    """Per-layer keys and values of every position seen so far, (B, H, S, Dh) each."""
+    """Keys and values of every position seen so far, in preallocated slots.
 
-    def __init__(self, num_layers: int):
+    Per layer ``(B, H, C, Dh)`` buffers of capacity C (grown when needed); slots
+    ``[0, length)`` have been written. ``valid_BC`` says which written slots each row's
+    queries may attend to: padding a row did not use (``batch["valid"]``) and evicted
+    slots are invalid. Gato has no global positions (only local positions within a
+    timestep), so attention does not care where a key sits: eviction just invalidates
+    slots, and when the buffer is full the live slots are compacted to the front in order.
+    ``slot_tag_C`` holds a caller's label per slot (the policy stores timestep numbers there
+    to evict whole timesteps).
+    """
+
+    def __init__(self, num_layers: int, *, capacity: int = 0):
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.capacity = capacity
+        self.length = 0               # slots written, before this call's
+        self.valid_BC: torch.Tensor | None = None
+        self.slot_tag_C: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self._pending = 0             # positions of the call in progress
 
-    @property
-    def length(self) -> int:
-        return self.layer_length(0)
-
-    def layer_length(self, layer: int) -> int:
-        return 0 if self.k[layer] is None else self.k[layer].shape[2]
+    # --- the model calls these ----------------------------------------------------
+    def begin(self, valid_BL: torch.Tensor | None, B: int, L: int, device) -> None:
+        """Reserves slots ``[length, length + L)`` for a forward call of L positions."""
+        if self.valid_BC is None:
+            cap = max(self.capacity, L)
+            self.valid_BC = torch.zeros(B, cap, dtype=torch.bool, device=device)
+            self.slot_tag_C = torch.full((cap,), -1, dtype=torch.long, device=device)
+        if self.valid_BC.shape[0] != B:
+            raise ValueError(f"the cache holds {self.valid_BC.shape[0]} rows, this call has {B}")
+        if self.length + L > self.valid_BC.shape[1]:
+            self._compact(L)
+        n = self.length
+        self.valid_BC[:, n:n + L] = True if valid_BL is None else valid_BL
+        self.slot_tag_C[n:n + L] = -1
+        self._pending = L
+        # a mask is needed once any written slot is invalid for some row
+        S = n + L
+        if bool(self.valid_BC[:, :S].all()):
+            self._mask = None
+        else:  # query i (slot n + i) sees valid slots up to n + i, and always itself
+            idx_S = torch.arange(S, device=device)
+            causal_LS = idx_S[None, :] <= (n + torch.arange(L, device=device))[:, None]
+            self._mask = ((causal_LS[None] & self.valid_BC[:, None, :S])
+                          | (idx_S[None, None, :] == (n + torch.arange(L, device=device))[None, :, None]))
+            self._mask = self._mask[:, None]  # (B, 1, L, S)
 
     def append(self, layer: int, k_BHLd: torch.Tensor, v_BHLd: torch.Tensor):
-        if self.k[layer] is not None:
-            k_BHLd = torch.cat([self.k[layer], k_BHLd], dim=2)
-            v_BHLd = torch.cat([self.v[layer], v_BHLd], dim=2)
-        self.k[layer], self.v[layer] = k_BHLd, v_BHLd
-        return k_BHLd, v_BHLd  # (B, H, S, Dh)
+        B, H, L, Dh = k_BHLd.shape
+        cap = self.valid_BC.shape[1]
+        if self.k[layer] is None or self.k[layer].shape[2] != cap:
+            old_k, old_v = self.k[layer], self.v[layer]
+            self.k[layer] = k_BHLd.new_zeros(B, H, cap, Dh)
+            self.v[layer] = v_BHLd.new_zeros(B, H, cap, Dh)
+            if old_k is not None:
+                self.k[layer][:, :, :old_k.shape[2]] = old_k
+                self.v[layer][:, :, :old_v.shape[2]] = old_v
+        n = self.length
+        self.k[layer][:, :, n:n + L] = k_BHLd
+        self.v[layer][:, :, n:n + L] = v_BHLd
+        return self.k[layer][:, :, :n + L], self.v[layer][:, :, :n + L]  # (B, H, S, Dh)
+
+    def end(self) -> None:
+        self.length += self._pending
+        self._pending = 0
+
+    def reserve(self, n: int) -> None:
+        """Makes room for ``n`` more slots now (compacting or growing), so that slots written
+        by the next calls stay where they are until then."""
+        if self.valid_BC is not None and self.length + n > self.valid_BC.shape[1]:
+            self._compact(n)
+
+    @property
+    def attn_mask(self) -> torch.Tensor | None:
+        """(B, 1, L, S) boolean mask of the call in progress, or None when plain causal."""
+        return self._mask
+
+    # --- callers manage the slots with these ----------------------------------------
+    def live(self) -> int:
+        """Slots some row may still attend to (written and not evicted)."""
+        if self.valid_BC is None:
+            return 0
+        return int(self.valid_BC[:, :self.length].any(0).sum())
+
+    def tag(self, start: int, stop: int, value: int) -> None:
+        self.slot_tag_C[start:stop] = value
+
+    def evict(self, slots_C: torch.Tensor) -> None:
+        """Invalidates the written slots where ``slots_C`` (bool, over ``length``) is True."""
+        self.valid_BC[:, :self.length] &= ~slots_C
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keeps only batch rows ``rows`` (environments whose episode goes on)."""
+        self.valid_BC = self.valid_BC.index_select(0, rows)
+        for i, k in enumerate(self.k):
+            if k is not None:
+                self.k[i] = k.index_select(0, rows)
+                self.v[i] = self.v[i].index_select(0, rows)
+
+    def _compact(self, incoming: int) -> None:
+        """Moves live slots to the front in order; grows the buffer when still too small."""
+        keep_S = self.valid_BC[:, :self.length].any(0).nonzero().squeeze(1)
+        n = keep_S.numel()
+        cap = self.valid_BC.shape[1]
+        if n + incoming > cap:
+            cap = max(2 * cap, n + incoming)
+        valid = torch.zeros(self.valid_BC.shape[0], cap, dtype=torch.bool,
+                            device=self.valid_BC.device)
+        valid[:, :n] = self.valid_BC.index_select(1, keep_S)
+        tag = torch.full((cap,), -1, dtype=torch.long, device=self.valid_BC.device)
+        tag[:n] = self.slot_tag_C.index_select(0, keep_S)
+        for i, k in enumerate(self.k):
+            if k is None:
+                continue
+            for buf in (self.k, self.v):
+                new = buf[i].new_zeros(*buf[i].shape[:2], cap, buf[i].shape[3])
+                new[:, :, :n] = buf[i].index_select(2, keep_S)
+                buf[i] = new
+        self.valid_BC, self.slot_tag_C, self.length = valid, tag, n
 
 
 class Attention(nn.Module):
@@ -112,15 +213,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x_BLD: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x_BLD: torch.Tensor, cache: KVCache | None, layer: int,
+                mask_B1LS: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x_BLD.shape
         q_BHLd, k_BHSd, v_BHSd = (self.qkv(x_BLD).view(B, L, 3, self.num_heads, -1)
                                   .permute(2, 0, 3, 1, 4))  # (3, B, H, L, Dh)
         past = 0
         if cache is not None:
-            past = cache.layer_length(layer)
+            past = cache.length
             k_BHSd, v_BHSd = cache.append(layer, k_BHSd, v_BHSd)
-        if past == 0:
+            mask_B1LS = cache.attn_mask
+        if mask_B1LS is not None:
+            o_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, attn_mask=mask_B1LS)
+        elif past == 0:
             o_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, is_causal=True)
         else:  # query i sits at position past + i and sees keys 0 .. past + i
             S = past + L
@@ -140,8 +245,9 @@ class Block(nn.Module):
         self.ffn = (ModalityRoutedMoE(cfg) if cfg.is_moe_layer(layer)
                     else FeedForward(cfg.d_model, cfg.ffn_hidden))
 
-    def forward(self, x_BLD: torch.Tensor, kinds_BL: torch.Tensor, cache: KVCache | None):
-        x_BLD = x_BLD + self.attn(self.norm1(x_BLD), cache, self.layer)
+    def forward(self, x_BLD: torch.Tensor, kinds_BL: torch.Tensor, cache: KVCache | None,
+                mask_B1LS: torch.Tensor | None = None):
+        x_BLD = x_BLD + self.attn(self.norm1(x_BLD), cache, self.layer, mask_B1LS)
         h_BLD = self.norm2(x_BLD)
         if isinstance(self.ffn, FeedForward):
             return x_BLD + self.ffn(h_BLD), None
@@ -181,20 +287,40 @@ class GatoModel(nn.Module):
             if isinstance(block.ffn, ModalityRoutedMoE):
                 init_moe_(block.ffn, std, out_std)
 
-    def forward(self, batch: dict, *, cache: KVCache | None = None,
-                compute_loss: bool = True) -> ModelOutput:
+    def forward(self, batch: dict, *, cache: KVCache | None = None, compute_loss: bool = True,
+                last_only: bool = False, id_range: tuple[int, int] | None = None) -> ModelOutput:
+        """``batch["valid"]`` (B, L) bool, optional: positions a row does not use (padding
+        that lines up rows of different lengths); no valid position attends to them.
+        ``last_only`` computes logits of the last position only, and ``id_range`` = (lo, hi)
+        only for ids [lo, hi) (what decoding needs; then ``logits`` is (B, 1 or L, hi - lo)
+        and no loss is computed)."""
         kinds_BL = batch["kinds"]
+        B, L = kinds_BL.shape
+        valid_BL, mask_B1LS = batch.get("valid"), None
+        if cache is not None:
+            cache.begin(valid_BL, B, L, kinds_BL.device)
+        elif valid_BL is not None and not bool(valid_BL.all()):
+            idx_L = torch.arange(L, device=kinds_BL.device)
+            causal_LL = idx_L[None, :] <= idx_L[:, None]
+            eye_LL = idx_L[None, :] == idx_L[:, None]
+            mask_B1LS = ((causal_LL[None] & valid_BL[:, None, :]) | eye_LL[None])[:, None]
         x_BLD = self.embed(batch)
         routing = []
         for block in self.blocks:
-            x_BLD, r = block(x_BLD, kinds_BL, cache)
+            x_BLD, r = block(x_BLD, kinds_BL, cache, mask_B1LS)
             if r is not None:
                 routing.append(r)
+        if cache is not None:
+            cache.end()
+        if last_only:
+            x_BLD = x_BLD[:, -1:]
         x_BLD = self.norm(x_BLD)
         weight_VD = self.embed.tokens.weight if self.head is None else self.head.weight
+        if id_range is not None:
+            weight_VD = weight_VD[id_range[0]:id_range[1]]
         logits_BLV = F.linear(x_BLD, weight_VD)
         out = ModelOutput(logits=logits_BLV, routing=routing)
-        if compute_loss and cache is None and kinds_BL.shape[1] > 1:
+        if (compute_loss and cache is None and L > 1 and not last_only and id_range is None):
             self._losses(out, batch)
         return out
 
@@ -225,19 +351,22 @@ class GatoModel(nn.Module):
         for moe, r in zip(moes, routing, strict=True):
             moe.update_bias(r)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.cfg.num_layers)
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        return KVCache(self.cfg.num_layers, capacity=capacity)
 
     @torch.no_grad()
     def generate(self, batch: dict, num_tokens: int, *, kind: Kind = Kind.DISCRETE_ACTION,
                  num_choices: int | None = None, temperature: float = 1.0,
-                 cache: KVCache | None = None, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
+                 cache: KVCache | None = None, generator: torch.Generator | None = None,
+                 feed_last: bool = True) -> torch.Tensor:
         """Samples ``num_tokens`` tokens of ``kind`` (text or an action kind) after the
-        prefix ``batch`` (all rows the same length), restricted to the kind's id range and
-        to its first ``num_choices`` ids if given; temperature 0 is greedy. Returns (B, n)
-        ids. With ``cache``, ``batch`` continues the positions already in it, and on return
-        the cache holds the prefix and every generated token."""
+        prefix ``batch`` (all rows the same length; ``batch["valid"]`` marks padding),
+        restricted to the kind's id range and to its first ``num_choices`` ids if given;
+        temperature 0 is greedy. Returns (B, n) ids on the batch's device. With ``cache``,
+        ``batch`` continues the positions already in it, and on return the cache holds the
+        prefix and the generated tokens — all of them, or all but the last when
+        ``feed_last`` is False (a control loop feeds the last action with the next
+        observation, saving one forward pass per step)."""
         kind = Kind(kind)
         if kind not in (Kind.TEXT, *ACTION_KINDS):
             raise ValueError(f"kind must be text or an action kind, got {kind.name}")
@@ -246,28 +375,32 @@ class GatoModel(nn.Module):
             if not 1 <= num_choices <= hi - lo:
                 raise ValueError(f"num_choices must be in [1, {hi - lo}], got {num_choices}")
             hi = lo + num_choices
+        if temperature < 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
         cache = cache if cache is not None else self.new_cache()
-        logits_BV = self(batch, cache=cache, compute_loss=False).logits[:, -1]
-        B = logits_BV.shape[0]
+        logits_BN = self(batch, cache=cache, last_only=True, id_range=(lo, hi)).logits[:, -1]
+        B, device = logits_BN.shape[0], logits_BN.device
         local_pos_B = batch["local_pos"][:, -1]
+        timestep_B1 = batch["timestep"][:, -1:]
         out = []
-        for _ in range(num_tokens):
-            logits_BN = logits_BV[:, lo:hi].float()
+        for i in range(num_tokens):
             if temperature == 0:
-                ids_B = logits_BN.argmax(-1)
+                ids_B = logits_BN.float().argmax(-1)
             else:
-                probs_BN = (logits_BN / temperature).softmax(-1)
+                probs_BN = (logits_BN.float() / temperature).softmax(-1)
                 ids_B = torch.multinomial(probs_BN, 1, generator=generator).squeeze(1)
             tokens_B = ids_B + lo
             out.append(tokens_B)
+            if i == num_tokens - 1 and not feed_last:
+                break
             local_pos_B = (torch.full_like(local_pos_B, ACTION_LOCAL_POS) if kind != Kind.TEXT
                            else (local_pos_B + 1).clamp(max=self.cfg.max_local_positions - 1))
             step = {"tokens": tokens_B[:, None], "kinds": torch.full_like(tokens_B, kind)[:, None],
                     "local_pos": local_pos_B[:, None],
-                    "loss_mask": torch.zeros(B, 1, dtype=torch.bool),
-                    "timestep": batch["timestep"][:, -1:],
-                    "image_rc": torch.zeros(B, 1, 4), "patches": None}
-            logits_BV = self(step, cache=cache, compute_loss=False).logits[:, -1]
+                    "loss_mask": torch.zeros(B, 1, dtype=torch.bool, device=device),
+                    "timestep": timestep_B1,
+                    "image_rc": torch.zeros(B, 1, 4, device=device), "patches": None}
+            logits_BN = self(step, cache=cache, last_only=True, id_range=(lo, hi)).logits[:, -1]
         return torch.stack(out, dim=1)
 
     # ---- accounting (see moe_gato.model.accounting) ----------------------------------
