@@ -5,6 +5,7 @@
     moe-gato tokenize --task babyai/BabyAI-GoToLocal-v0 --steps 2
     moe-gato collect --suite default --out data/
     moe-gato train --config configs/train/tiny-moe.yaml --data data --out runs/tiny-moe
+    moe-gato eval --checkpoint runs/demo/tiny-moe --tasks default --episodes 20 --out runs/demo/eval
     python -m moe_gato.cli --help
 
 Nothing runs at import time; subcommands import their modules when they run.
@@ -27,6 +28,10 @@ SUBCOMMANDS = {
                 "collect expert demonstrations into HF datasets on disk"),
     "train": ("moe_gato.train.cli", "add_arguments", "run",
               "train MoE-Gato (or its dense twin) on a collected suite"),
+    "eval": ("moe_gato.eval.cli", "add_arguments", "run",
+             "roll a checkpoint out in the real environments and score it"),
+    "bench-latency": ("moe_gato.eval.latency", "add_arguments", "run",
+                      "time batch-1 control steps (p50 / p99, Hz) of a preset or checkpoint"),
 }
 
 

@@ -51,7 +51,10 @@ class Policy:
 
     def __init__(self, model, *, device: str | torch.device | None = None,
                  temperature: float = 0.0, prompt_share: float = 0.25, use_cache: bool = True,
-                 seed: int = 0, tokenizer: GatoTokenizer | None = None) -> None:
+                 seed: int = 0, tokenizer: GatoTokenizer | None = None,
+                 context_length: int | None = None) -> None:
+        """``context_length``: positions the policy keeps (default: the model's, what it was
+        trained on; a longer one runs the model on windows it never saw)."""
         if temperature < 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
         if not 0 <= prompt_share < 1:
@@ -67,7 +70,9 @@ class Policy:
         if self.tok.layout != cfg.layout:
             raise ValueError(f"tokenizer layout {self.tok.layout} differs from the model's "
                              f"{cfg.layout}")
-        self.context_length = cfg.context_length
+        self.context_length = int(context_length or cfg.context_length)
+        if self.context_length < 2:
+            raise ValueError(f"context_length must be >= 2, got {self.context_length}")
         self.temperature = float(temperature)
         self.prompt_share = float(prompt_share)
         self.use_cache = use_cache

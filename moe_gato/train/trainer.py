@@ -29,6 +29,7 @@ from moe_gato.config import deep_merge, save_config
 from moe_gato.model import build_model
 from moe_gato.model.moe import ModalityRoutedMoE
 from moe_gato.tokenizer import KIND_NAMES, collate
+from moe_gato.tokenizer.layout import ACTION_KINDS
 from moe_gato.train import checkpoint as ckpt
 from moe_gato.train.config import TrainConfig
 
@@ -168,6 +169,22 @@ def add_kind_losses(sums_K2: torch.Tensor, batch: dict, out) -> None:
         n = float((target_kinds == k).sum())
         sums_K2[k, 0] += float(value) * n
         sums_K2[k, 1] += n
+
+
+def action_hits(logits_BLV: torch.Tensor, batch: dict, layout) -> tuple[int, int]:
+    """(correct, total) teacher-forced action predictions: the argmax over the target's own
+    id range (as a policy decodes) equals the expert's action token."""
+    targets_BL, kinds_BL = batch["tokens"][:, 1:], batch["kinds"][:, 1:]
+    logits_BLV = logits_BLV[:, :-1]
+    correct = total = 0
+    for kind in ACTION_KINDS:
+        sel_BL = batch["loss_mask"][:, 1:] & (kinds_BL == kind)
+        if sel_BL.any():
+            lo, hi = layout.id_range(kind)
+            pred = logits_BLV[sel_BL][:, lo:hi].argmax(-1) + lo
+            correct += int((pred == targets_BL[sel_BL]).sum())
+            total += int(sel_BL.sum())
+    return correct, total
 
 
 def kind_means(sums_K2: torch.Tensor, prefix: str) -> dict[str, float]:
@@ -404,7 +421,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss per task and per target kind, on ``eval_sequences`` per task."""
+        """Validation loss per task and per target kind, on ``eval_sequences`` per task, and
+        per control task the teacher-forced action accuracy (``eval/action_acc/<task>``)."""
         from moe_gato.data.loader import SequenceLoader, split_rows
 
         model = self._module()
@@ -420,7 +438,7 @@ class Trainer:
             loader = SequenceLoader(cfg, split="validation", seed=12345, data_dir=self.data_dir,
                                     tokenizer=self.loader.tok)
             seqs = [loader.sequence(i) for i in range(self.cfg.eval_sequences)]
-            t_sum, t_n = 0.0, 0.0
+            t_sum, t_n, hits, actions = 0.0, 0.0, 0, 0
             for i in range(0, len(seqs), self.cfg.micro_batch_size):
                 batch = {k: v.to(self.dist.device)
                          for k, v in collate(seqs[i:i + self.cfg.micro_batch_size]).items()}
@@ -429,7 +447,11 @@ class Trainer:
                 t_sum += float(out.lm_loss) * n
                 t_n += n
                 add_kind_losses(kinds_K2, batch, out)
+                h, a = action_hits(out.logits, batch, model.cfg.layout)
+                hits, actions = hits + h, actions + a
             record[f"eval/loss/{task}"] = t_sum / max(t_n, 1)
+            if actions:
+                record[f"eval/action_acc/{task}"] = hits / actions
             total += t_sum
             count += t_n
         record["eval/loss"] = total / max(count, 1)
