@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_gato.model.config import ModelConfig
+from moe_gato.model.kv_cache import KVCache
 from moe_gato.model.moe import FeedForward, GroupRouting, ModalityRoutedMoE, init_moe_
 from moe_gato.tokenizer.layout import ACTION_KINDS, ACTION_LOCAL_POS, LOSS_KINDS, Kind
 
@@ -81,129 +82,6 @@ class GatoEmbedding(nn.Module):
         pos_BLD = torch.where(is_action_BL1, self.action_pos_D,
                               self.local_pos(local_pos_BL.clamp(min=0)))
         return x_BLD + pos_BLD
-
-
-class KVCache:
-    """Keys and values of every position seen so far, in preallocated slots.
-
-    Per layer ``(B, H, C, Dh)`` buffers of capacity C (grown when needed); slots
-    ``[0, length)`` have been written. ``valid_BC`` says which written slots each row's
-    queries may attend to: padding a row did not use (``batch["valid"]``) and evicted
-    slots are invalid. Gato has no global positions (only local positions within a
-    timestep), so attention does not care where a key sits: eviction just invalidates
-    slots, and when the buffer is full the live slots are compacted to the front in order.
-    ``slot_tag_C`` holds a caller's label per slot (the policy stores timestep numbers there
-    to evict whole timesteps).
-    """
-
-    def __init__(self, num_layers: int, *, capacity: int = 0):
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.capacity = capacity
-        self.length = 0               # slots written, before this call's
-        self.valid_BC: torch.Tensor | None = None
-        self.slot_tag_C: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None
-        self._pending = 0             # positions of the call in progress
-
-    # --- the model calls these ----------------------------------------------------
-    def begin(self, valid_BL: torch.Tensor | None, B: int, L: int, device) -> None:
-        """Reserves slots ``[length, length + L)`` for a forward call of L positions."""
-        if self.valid_BC is None:
-            cap = max(self.capacity, L)
-            self.valid_BC = torch.zeros(B, cap, dtype=torch.bool, device=device)
-            self.slot_tag_C = torch.full((cap,), -1, dtype=torch.long, device=device)
-        if self.valid_BC.shape[0] != B:
-            raise ValueError(f"the cache holds {self.valid_BC.shape[0]} rows, this call has {B}")
-        if self.length + L > self.valid_BC.shape[1]:
-            self._compact(L)
-        n = self.length
-        self.valid_BC[:, n:n + L] = True if valid_BL is None else valid_BL
-        self.slot_tag_C[n:n + L] = -1
-        self._pending = L
-        # a mask is needed once any written slot is invalid for some row
-        S = n + L
-        if bool(self.valid_BC[:, :S].all()):
-            self._mask = None
-        else:  # query i (slot n + i) sees valid slots up to n + i, and always itself
-            idx_S = torch.arange(S, device=device)
-            causal_LS = idx_S[None, :] <= (n + torch.arange(L, device=device))[:, None]
-            self._mask = ((causal_LS[None] & self.valid_BC[:, None, :S])
-                          | (idx_S[None, None, :] == (n + torch.arange(L, device=device))[None, :, None]))
-            self._mask = self._mask[:, None]  # (B, 1, L, S)
-
-    def append(self, layer: int, k_BHLd: torch.Tensor, v_BHLd: torch.Tensor):
-        B, H, L, Dh = k_BHLd.shape
-        cap = self.valid_BC.shape[1]
-        if self.k[layer] is None or self.k[layer].shape[2] != cap:
-            old_k, old_v = self.k[layer], self.v[layer]
-            self.k[layer] = k_BHLd.new_zeros(B, H, cap, Dh)
-            self.v[layer] = v_BHLd.new_zeros(B, H, cap, Dh)
-            if old_k is not None:
-                self.k[layer][:, :, :old_k.shape[2]] = old_k
-                self.v[layer][:, :, :old_v.shape[2]] = old_v
-        n = self.length
-        self.k[layer][:, :, n:n + L] = k_BHLd
-        self.v[layer][:, :, n:n + L] = v_BHLd
-        return self.k[layer][:, :, :n + L], self.v[layer][:, :, :n + L]  # (B, H, S, Dh)
-
-    def end(self) -> None:
-        self.length += self._pending
-        self._pending = 0
-
-    def reserve(self, n: int) -> None:
-        """Makes room for ``n`` more slots now (compacting or growing), so that slots written
-        by the next calls stay where they are until then."""
-        if self.valid_BC is not None and self.length + n > self.valid_BC.shape[1]:
-            self._compact(n)
-
-    @property
-    def attn_mask(self) -> torch.Tensor | None:
-        """(B, 1, L, S) boolean mask of the call in progress, or None when plain causal."""
-        return self._mask
-
-    # --- callers manage the slots with these ----------------------------------------
-    def live(self) -> int:
-        """Slots some row may still attend to (written and not evicted)."""
-        if self.valid_BC is None:
-            return 0
-        return int(self.valid_BC[:, :self.length].any(0).sum())
-
-    def tag(self, start: int, stop: int, value: int) -> None:
-        self.slot_tag_C[start:stop] = value
-
-    def evict(self, slots_C: torch.Tensor) -> None:
-        """Invalidates the written slots where ``slots_C`` (bool, over ``length``) is True."""
-        self.valid_BC[:, :self.length] &= ~slots_C
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keeps only batch rows ``rows`` (environments whose episode goes on)."""
-        self.valid_BC = self.valid_BC.index_select(0, rows)
-        for i, k in enumerate(self.k):
-            if k is not None:
-                self.k[i] = k.index_select(0, rows)
-                self.v[i] = self.v[i].index_select(0, rows)
-
-    def _compact(self, incoming: int) -> None:
-        """Moves live slots to the front in order; grows the buffer when still too small."""
-        keep_S = self.valid_BC[:, :self.length].any(0).nonzero().squeeze(1)
-        n = keep_S.numel()
-        cap = self.valid_BC.shape[1]
-        if n + incoming > cap:
-            cap = max(2 * cap, n + incoming)
-        valid = torch.zeros(self.valid_BC.shape[0], cap, dtype=torch.bool,
-                            device=self.valid_BC.device)
-        valid[:, :n] = self.valid_BC.index_select(1, keep_S)
-        tag = torch.full((cap,), -1, dtype=torch.long, device=self.valid_BC.device)
-        tag[:n] = self.slot_tag_C.index_select(0, keep_S)
-        for i, k in enumerate(self.k):
-            if k is None:
-                continue
-            for buf in (self.k, self.v):
-                new = buf[i].new_zeros(*buf[i].shape[:2], cap, buf[i].shape[3])
-                new[:, :, :n] = buf[i].index_select(2, keep_S)
-                buf[i] = new
-        self.valid_BC, self.slot_tag_C, self.length = valid, tag, n
 
 
 class Attention(nn.Module):
