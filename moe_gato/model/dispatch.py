@@ -31,10 +31,18 @@ Paths (``gemm``; see also ``MoEConfig.gemm``):
 - ``"padded"``: the same ``kernels`` calls with each expert's rows at a fixed stride
   C' = max rows of any expert (destinations shifted to ``e * C' + rank``) and two
   ``torch.bmm``.
+
+Inference with few tokens (``expert_ffn_few``, no autograd): the experts of all groups in
+one column space ``c`` (group g's expert e is column ``offsets[g] + e``), one ``mm`` per used
+(column, projection) on a view of the stacked weights. A batch-1 decode step streams the
+chosen experts' weights from memory once; gathering them into a (T * K, D, F) buffer for one
+``bmm`` copies them first (see benchmarks/RESULTS.md, "MoE inference fast path").
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 
 import torch
@@ -74,6 +82,43 @@ def expert_ffn(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, gates_TK: torch.
     y_RD = kernels.grouped_gemm(h_RF, w2_EFD, kept_E, impl=impl)
     y_TD = kernels.unpermute(y_RD, dest_TK, gates_TK, impl=impl)
     return y_TD, kept_E
+
+
+def expert_ffn_few(x_TD: torch.Tensor, cols_TK: torch.Tensor, gates_TK: torch.Tensor,
+                   w1_EDF: list[torch.Tensor], w2_EFD: list[torch.Tensor],
+                   offsets: list[int]) -> torch.Tensor:
+    """y_TD[t] = sum_k gates[t, k] * FFN_c(x_TD[t]) with c = cols_TK[t, k], where column c
+    is expert ``c - offsets[g]`` of ``w1_EDF[g]`` / ``w2_EFD[g]`` for the g with
+    ``offsets[g] <= c < offsets[g + 1]`` (``offsets`` has one entry more than the lists; all
+    experts share one hidden width F). Dropless, no autograd, for few tokens: one ``mm`` per
+    used (column, projection), one GELU over all slots."""
+    T, K = cols_TK.shape
+    if T == 1:  # decode: the K slots of one token, in k order (distinct columns)
+        runs = [(c, k, k + 1) for k, c in enumerate(cols_TK[0].tolist())]
+        x_ND = x_TD.new_empty(K, x_TD.shape[1])  # only its shape is used: x rows are x_TD
+    else:  # slots in column-contiguous order
+        flat_N = cols_TK.reshape(-1)
+        slot_N = torch.argsort(flat_N, stable=True)
+        token_N = slot_N // K
+        counts = torch.bincount(flat_N, minlength=offsets[-1]).tolist()
+        ends = itertools.accumulate(counts)
+        runs = [(c, end - n, end) for c, (n, end) in enumerate(zip(counts, ends)) if n]
+        x_ND = x_TD.index_select(0, token_N)
+    h_NF = x_ND.new_empty(x_ND.shape[0], w1_EDF[0].shape[2])
+    weights = []
+    for c, a, b in runs:
+        g = bisect.bisect_right(offsets, c) - 1
+        w1_DF, w2_FD = w1_EDF[g][c - offsets[g]], w2_EFD[g][c - offsets[g]]
+        torch.mm(x_TD if T == 1 else x_ND[a:b], w1_DF, out=h_NF[a:b])
+        weights.append(w2_FD)
+    h_NF = F.gelu(h_NF)
+    y_ND = torch.empty_like(x_ND)
+    for (c, a, b), w2_FD in zip(runs, weights):
+        torch.mm(h_NF[a:b], w2_FD, out=y_ND[a:b])
+    if T == 1:
+        return torch.mm(gates_TK.to(y_ND.dtype), y_ND)  # (1, D)
+    y_ND.mul_(gates_TK.reshape(-1).index_select(0, slot_N).to(y_ND.dtype)[:, None])
+    return x_TD.new_zeros(x_TD.shape).index_add_(0, token_N, y_ND)
 
 
 def sorted_slots(expert_ids_TK: torch.Tensor, num_experts: int, capacity: int | None

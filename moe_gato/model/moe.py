@@ -8,18 +8,27 @@ DeepSeek-V3 balancing bias that only steers selection), optional renormalisation
 chosen gates, dropless or capacity dispatch, optional shared expert. A token only ever
 reaches experts of its own group. Expert weights are stacked parameters ``w1_EDF`` /
 ``w2_EFD`` per group, so an expert-parallel wrapper can shard them along E.
+
+Inference fast path (no gradients recorded, no expert parallelism, dropless, at most
+``FEW_TOKENS`` tokens: a control step's observation chunk and its decoded actions): every
+group's router at once as one matmul over the concatenated routers (C = all groups' experts,
+logits of other groups' columns masked to -inf), one top-K, then ``expert_ffn_few`` over the
+used columns only. Same outputs and routing records as the per-group path, which stays for
+training and for many tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_gato.model.config import ModelConfig
-from moe_gato.model.dispatch import expert_capacity, expert_ffn
+from moe_gato.model.dispatch import expert_capacity, expert_ffn, expert_ffn_few
 from moe_gato.tokenizer.layout import Kind
 
 
@@ -33,6 +42,20 @@ class GroupRouting:
     dropped: torch.Tensor         # () slots dropped by capacity (0 when dropless)
     aux_loss: torch.Tensor        # () Switch balancing loss (unscaled), differentiable
     z_loss: torch.Tensor          # () router z-loss (unscaled), differentiable
+
+
+class DeferredRouting(GroupRouting):
+    """A ``GroupRouting`` whose tensors ``compute()`` returns on the first field read."""
+
+    def __init__(self, compute):  # not the dataclass __init__: the fields come later
+        self._compute = compute
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or "_compute" not in self.__dict__:
+            raise AttributeError(name)
+        compute = self.__dict__.pop("_compute")
+        self.__dict__.update(compute())
+        return getattr(self, name)
 
 
 class FeedForward(nn.Module):
@@ -67,6 +90,11 @@ class ExpertGroup(nn.Module):
         return self.router_ED.shape[0]
 
 
+#: most tokens for the inference fast path; above it the per-group path (sorted per-expert
+#: GEMMs) is as fast (crossover measured in benchmarks/RESULTS.md, "MoE inference fast path")
+FEW_TOKENS = 512
+
+
 class ModalityRoutedMoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -78,9 +106,16 @@ class ModalityRoutedMoE(nn.Module):
         names = list(cfg.moe.groups)
         self.register_buffer("group_of_kind", torch.tensor(
             [names.index(cfg.moe.group_of(k)) for k in Kind]), persistent=False)
+        sizes = [cfg.moe.num_experts_of(name) for name in names]
+        #: columns of the concatenated routers: group g's experts are [offsets[g], offsets[g+1])
+        self.offsets = [sum(sizes[:g]) for g in range(len(names) + 1)]
+        self.register_buffer("group_of_col", torch.repeat_interleave(
+            torch.arange(len(names)), torch.tensor(sizes)), persistent=False)
 
     def forward(self, x_TD: torch.Tensor, kinds_T: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, GroupRouting]]:
+        if self._fast_path_applies(x_TD.shape[0]):
+            return self._forward_few(x_TD, kinds_T)
         group_T = self.group_of_kind[kinds_T]
         # While gradients are recorded every group runs, with or without tokens, so that the
         # backward graph has the same shape on every rank: expert parallelism needs every
@@ -104,6 +139,79 @@ class ModalityRoutedMoE(nn.Module):
                 y_TD = x_TD.new_zeros(x_TD.shape)
             y_TD = y_TD.index_copy(0, index_t, y_tD)
         return y_TD, routing
+
+    def _fast_path_applies(self, num_tokens: int) -> bool:
+        return (num_tokens <= FEW_TOKENS and not torch.is_grad_enabled()
+                and self.moe.capacity_factor is None
+                and all(g.expert_parallel is None for g in self.groups.values()))
+
+    def _forward_few(self, x_TD: torch.Tensor, kinds_T: torch.Tensor
+                     ) -> tuple[torch.Tensor, dict[str, GroupRouting]]:
+        """Inference fast path (see the module docstring). Columns: the experts of the groups
+        routed here, concatenated (all groups; only its own when every token is in one)."""
+        cfg, K = self.moe, self.moe.experts_per_token
+        group_T = self.group_of_kind.index_select(0, kinds_T)
+        present = group_T.tolist() if len(group_T) == 1 else group_T.unique().tolist()
+        everyone = list(self.groups.values())
+        if len(present) == 1:  # a decode step: one group, its router alone, no mask
+            groups, offsets = [everyone[present[0]]], [0, everyone[present[0]].num_experts]
+            first_col = {present[0]: 0}
+            router_CD, other_TC = groups[0].router_ED, None
+        else:
+            groups, offsets = everyone, self.offsets
+            first_col = {g: self.offsets[g] for g in present}
+            router_CD = torch.cat([g.router_ED for g in groups])
+            other_TC = self.group_of_col != group_T[:, None]  # columns of other groups
+        logits_TC = x_TD.float() @ router_CD.float().t()
+        if other_TC is not None:
+            logits_TC.masked_fill_(other_TC, -math.inf)
+        probs_TC = None
+        if cfg.bias_balancing or not cfg.renormalize:
+            probs_TC = logits_TC.softmax(dim=-1)
+        if cfg.bias_balancing:
+            select_TC = probs_TC + torch.cat([g.expert_bias_E for g in groups])
+            if other_TC is not None:
+                select_TC.masked_fill_(other_TC, -math.inf)
+            cols_TK = select_TC.topk(K, dim=-1).indices
+            top_TK = logits_TC.gather(1, cols_TK)
+        else:  # softmax is monotone: the top-K logits are the top-K probabilities
+            top_TK, cols_TK = logits_TC.topk(K, dim=-1)
+        # renormalized gates p_k / sum_j p_j over the chosen = a softmax of their logits
+        gates_TK = top_TK.softmax(dim=-1) if cfg.renormalize else probs_TC.gather(1, cols_TK)
+        gates_TK = gates_TK.to(x_TD.dtype)
+        routing = self._few_routing(group_T, present, first_col, logits_TC, cols_TK)
+        w1s, w2s = [g.w1_EDF for g in groups], [g.w2_EFD for g in groups]
+        if cfg.shared_expert:  # a group's shared expert is one more column, gate 1
+            C = offsets[-1]
+            w1s += [g.shared.fc1.weight.t()[None] for g in groups]
+            w2s += [g.shared.fc2.weight.t()[None] for g in groups]
+            offsets = offsets + [C + i + 1 for i in range(len(groups))]
+            shared_T1 = (C + group_T[:, None]) if len(groups) > 1 else torch.full_like(
+                cols_TK[:, :1], C)
+            cols_TK = torch.cat([cols_TK, shared_T1], dim=1)
+            gates_TK = torch.cat([gates_TK, gates_TK.new_ones(len(group_T), 1)], dim=1)
+        return expert_ffn_few(x_TD, cols_TK, gates_TK, w1s, w2s, offsets), routing
+
+    def _few_routing(self, group_T, present, first_col, logits_TC, cols_TK
+                     ) -> dict[str, GroupRouting]:
+        """The fast path's per-group records, equal to ``_route``'s; their tensors are
+        computed when first read (a control step never reads them)."""
+        names = list(self.groups)
+
+        def record(g: int) -> dict[str, torch.Tensor]:
+            lo = first_col[g]
+            E = self.offsets[g + 1] - self.offsets[g]
+            index_t = (group_T == g).nonzero().squeeze(1)
+            ids_tK = cols_TK.index_select(0, index_t) - lo
+            logits_tE = logits_TC.index_select(0, index_t)[:, lo:lo + E]
+            probs_tE = logits_tE.softmax(dim=-1)
+            load_E = torch.bincount(ids_tK.reshape(-1), minlength=E)
+            aux_loss = E * torch.dot(load_E.float() / ids_tK.numel(), probs_tE.mean(0))
+            z_loss = torch.logsumexp(logits_tE, dim=-1).square().mean()
+            return dict(token_index_t=index_t, expert_ids_tK=ids_tK, load_E=load_E,
+                        dropped=load_E.new_zeros(()), aux_loss=aux_loss, z_loss=z_loss)
+
+        return {names[g]: DeferredRouting(functools.partial(record, g)) for g in present}
 
     def _route(self, group: ExpertGroup, x_tD: torch.Tensor, index_t: torch.Tensor
                ) -> tuple[torch.Tensor, GroupRouting]:
