@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 #: subcommand -> (module, function adding arguments, function running it, help)
@@ -51,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads sleep instead of spinning while they wait: on a shared 2-core machine
+    # spinning made small ops 20-30x slower (benchmarks/RESULTS.md, control-step latency).
+    # Read when torch first loads, so it is set before any subcommand imports it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     missing = getattr(args, "_missing", None)
     if missing:

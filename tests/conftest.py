@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MUJOCO_GL", "egl")
+# OpenMP threads sleep while they wait (before torch loads): spinning on the shared cores
+# made small ops 20-30x slower when tests, subprocesses and other work overlap
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 #: one task per kind of data the trainer sees: discrete control with text, continuous
 #: control, images (captions), text

@@ -132,7 +132,9 @@ class Policy:
         self.prompt = self._prompt(prompt) if prompt is not None else None
         # recompute mode: each row's token history; cache mode: the KV cache
         self.history = [[] for _ in self.rows]
-        self.cache = self.model.new_cache(capacity=2 * self.context_length + 64)
+        # evicted slots stay (masked) until the buffer fills and the live ones are compacted:
+        # a quarter of a context of slack bounds both the copies and the masked attention
+        self.cache = self.model.new_cache(capacity=self.context_length * 5 // 4 + 64)
         if self.prompt is not None and self.use_cache:
             self.cache.reserve(len(self.prompt))
             self._forward([self.prompt] * batch_size, tag=PROMPT_TAG)
