@@ -12,6 +12,7 @@ plain dict (``to_dict``) saved as YAML next to every checkpoint and sweep result
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -82,11 +83,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise ValueError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # inf/nan pass every comparison-based check silently
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -159,6 +162,9 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, A
         if "=" not in item or item.startswith("="):
             raise ValueError(f"override {item!r} must look like dotted.key=value")
         key, raw = item.split("=", 1)
+        if any(not part.strip() for part in key.split(".")):
+            raise ValueError(f"override {item!r}: empty key name in {key.strip()!r}; "
+                             f"write dotted.key=value")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:

@@ -39,8 +39,11 @@ def run_collect(args: argparse.Namespace) -> int:
     from moe_gato.data.storage import DataError
     from moe_gato.envs.tasks import resolve_tasks
 
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks is not None else None
     try:
+        if names is not None and not names:
+            raise ValueError(f"--tasks {args.tasks!r} names no task; leave it out to collect "
+                             f"the whole suite")
         specs = resolve_tasks(args.suite, names)
         if args.list:
             for s in specs:

@@ -8,6 +8,9 @@ progress bar counting episodes. A task folder is written atomically, so an inter
 leaves complete folders and ``.partial`` leftovers; running the same command again keeps
 the complete folders (same collection options) and redoes the rest. A folder that is in
 the way (another version, truncated, other options) is an error unless ``overwrite``.
+Workers die with the collecting process (a SIGKILL included), so nothing writes folders
+the manifest does not know about; a ``manifest.json`` that cannot be read is rebuilt from
+the complete task folders on disk under ``overwrite``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import shutil
+import signal
+import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +163,13 @@ def collect(suite: str, out: str | Path, *, tasks: list[str] | None = None,
     measure expert and random returns over at least ``return_episodes`` episodes each."""
     from tqdm import tqdm
 
+    if not str(out).strip():
+        raise ValueError("the output directory (--out) is empty; name a folder")
+    if tasks is not None and not tasks:
+        raise ValueError("tasks is an empty list; pass None to collect the whole suite")
     specs = resolve_tasks(suite, tasks)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     if episodes is not None and episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if return_episodes < 1:
@@ -164,6 +177,8 @@ def collect(suite: str, out: str | Path, *, tasks: list[str] | None = None,
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output directory {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"suite": suite, "tasks": {}}
     if (out / storage.MANIFEST).exists():
@@ -171,9 +186,12 @@ def collect(suite: str, out: str | Path, *, tasks: list[str] | None = None,
             old = storage.read_manifest(out)
             manifest["tasks"] = {k: v for k, v in old.get("tasks", {}).items()
                                  if (out / k / storage.TASK_FILE).is_file()}
-        except storage.DataError:
+        except storage.DataError as exc:
             if not overwrite:
                 raise
+            manifest["tasks"] = _complete_folders(out)
+            warnings.warn(f"{exc}; rebuilt it from the {len(manifest['tasks'])} complete task "
+                          f"folder(s) in {out}", stacklevel=2)
     # check every folder before collecting anything: nothing is replaced without overwrite
     pending, options = [], {}
     for spec in specs:
@@ -202,12 +220,54 @@ def collect(suite: str, out: str | Path, *, tasks: list[str] | None = None,
     return manifest
 
 
+def _complete_folders(out: Path) -> dict:
+    """Manifest entries of every complete task folder under ``out`` (any suite)."""
+    found = {}
+    for name in TASKS:
+        if (storage.task_dir(out, name) / storage.TASK_FILE).is_file():
+            try:
+                data = storage.TaskData(storage.task_dir(out, name))
+            except storage.DataError:
+                continue
+            if "tokens" in data.meta:
+                found[name] = manifest_entry(data.meta)
+    return found
+
+
+_PROGRESS = None
+
+
+def _worker_init(progress, parent: int) -> None:
+    """Runs first in each worker: it dies with the collecting process (Linux: the kernel
+    sends SIGKILL; elsewhere a thread watches the parent), and keeps the progress queue."""
+    global _PROGRESS
+    _PROGRESS = progress
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    else:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _collect_in_worker(name: str, out: str, opts: dict) -> dict:
+    return collect_task(name, out, opts, _PROGRESS)
+
+
 def _collect_parallel(pending, out, options, workers, bar, manifest) -> None:
     ctx = mp.get_context("spawn")  # MuJoCo/EGL and the emulators start fresh in each worker
-    with ctx.Manager() as manager:
-        q = manager.Queue()
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = {pool.submit(collect_task, s.name, str(out), options[s.name], q): s
+    q = ctx.Queue()  # handed over at start-up (no manager process to outlive us)
+    try:
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                    initargs=(q, os.getpid())) as pool:
+            futures = {pool.submit(_collect_in_worker, s.name, str(out), options[s.name]): s
                        for s in pending}
             remaining = set(futures)
             while remaining:
@@ -227,6 +287,9 @@ def _collect_parallel(pending, out, options, workers, bar, manifest) -> None:
                     bar.update(q.get_nowait())
                 except queue_mod.Empty:
                     break
+    finally:
+        q.close()
+        q.join_thread()
 
 
 class _ListQueue:

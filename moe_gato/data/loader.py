@@ -114,6 +114,22 @@ class SequenceLoader:
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._cache_bytes = 0
 
+    def max_timestep_tokens(self) -> dict[str, int]:
+        """Tokens of the longest timestep (observation, separator, action) of each control
+        task. Per-timestep counts are fixed per task except for text observations (BabyAI's
+        mission, fixed within an episode): those tasks take the first timestep of every
+        row, the others that of their first row."""
+        out = {}
+        for name, data in self.data.items():
+            if data.kind != "control":
+                continue
+            has_text = any(s.modality == "text" for s in data.obs_spec.values())
+            rows = self.rows[name] if has_text else self.rows[name][:1]
+            out[name] = max((len(tokenize_episode(self.tok, data,
+                                                  slice_episode(data.episode(r), 0, 1)))
+                             for r in rows if self.lengths[name][r] > 0), default=0)
+        return out
+
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"seed": self.seed, "split": self.split, "position": self.position,

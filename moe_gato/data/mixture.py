@@ -10,6 +10,7 @@ one) is its validation split.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from moe_gato.config import load_config
 
@@ -38,8 +39,8 @@ class MixtureConfig:
         if not self.tasks:
             raise ValueError("tasks must name at least one task with a weight > 0")
         for name, weight in self.tasks.items():
-            if not weight > 0:
-                raise ValueError(f"tasks.{name}: weight must be > 0, got {weight}")
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"tasks.{name}: weight must be a finite number > 0, got {weight}")
 
 
 def load_mixture(path: str, overrides: list[str] | tuple[str, ...] = ()) -> MixtureConfig:

@@ -15,9 +15,12 @@ Row schema of a control task (one row per episode)::
 
 A caption task has ``image binary`` (H, W[, C] uint8) and ``caption str``; a text task has
 ``document str`` and ``text str``. ``task.json`` holds what decodes the bytes (field
-dtypes and shapes, action kind, dimension and range) and the measured returns. A folder
+dtypes and shapes, action kind, dimension and range) and the measured returns; a copy of
+what decodes the bytes also goes into the dataset's own ``dataset_info.json``. A folder
 is written under ``<name>.partial`` and renamed when complete, so a folder without
-``task.json`` or with fewer rows than it declares was not written by this code.
+``task.json`` or with fewer rows than it declares was not written by this code. Opening a
+task checks ``task.json`` against the stored data: its decoding keys against the copy,
+and the byte size of every row's arrays against length x shape x dtype.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ FORMAT_VERSION = 1
 TASK_FILE = "task.json"
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
+#: the task.json keys that decode the stored bytes (copied into dataset_info.json)
+DECODING_KEYS = ("kind", "obs_spec", "action_kind", "action_dim", "image_shape")
 
 
 def _datasets():
@@ -96,7 +101,10 @@ def write_task(root: str | Path, name: str, rows: dict, features: Any, meta: dic
     if partial.exists():
         shutil.rmtree(partial)
     partial.parent.mkdir(parents=True, exist_ok=True)
-    ds = datasets.Dataset.from_dict(rows, features=features)
+    decoding = {k: meta[k] for k in DECODING_KEYS if k in meta}
+    info = datasets.DatasetInfo(description=json.dumps({"moe_gato_decoding": decoding}),
+                                features=features)
+    ds = datasets.Dataset.from_dict(rows, features=features, info=info)
     ds.save_to_disk(str(partial))
     meta = dict(meta, format_version=FORMAT_VERSION, task=name, rows=len(ds))
     (partial / TASK_FILE).write_text(json.dumps(meta, indent=1))
@@ -117,8 +125,10 @@ def read_meta(path: str | Path) -> dict:
                         f"collection was interrupted; collect it again with --overwrite")
     try:
         meta = json.loads(meta_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{meta_file} is unreadable ({exc}); collect again with --overwrite") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_file} does not hold an object; collect again with --overwrite")
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path} holds data format version {meta.get('format_version')}, this "
                         f"code reads version {FORMAT_VERSION}; collect again with --overwrite")
@@ -138,14 +148,89 @@ class TaskData:
         except Exception as exc:  # noqa: BLE001 - any reader failure means a broken folder
             raise DataError(f"{self.path} could not be read as a dataset ({type(exc).__name__}: "
                             f"{exc}); collect again with --overwrite") from None
+        meta_file = self.path / TASK_FILE
+        required = {"rows", "kind", "task"}
+        if self.meta.get("kind") == "control":
+            required |= {"obs_spec", "action_kind", "action_dim"}
+        if self.meta.get("kind") == "caption":
+            required |= {"image_shape"}
+        if missing := sorted(required - set(self.meta)):
+            raise DataError(f"{meta_file} lacks {missing}; collect again with --overwrite")
         if len(self.ds) != self.meta["rows"]:
             raise DataError(f"{self.path} is truncated: {len(self.ds)} rows, task.json "
                             f"declares {self.meta['rows']}; collect again with --overwrite")
         self.kind = self.meta["kind"]
         self.name = self.meta["task"]
         self._recent: dict[int, Episode] = {}
+        self._check_decoding(meta_file)
         if self.kind == "control":
-            self.obs_spec = {k: FieldSpec.from_json(v) for k, v in self.meta["obs_spec"].items()}
+            try:
+                self.obs_spec = {k: FieldSpec.from_json(v) for k, v in self.meta["obs_spec"].items()}
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                raise DataError(f"{meta_file}: obs_spec of task {self.name} is invalid "
+                                f"({type(exc).__name__}: {exc}); collect again with "
+                                f"--overwrite") from None
+            self._check_sizes(meta_file)
+        elif self.kind == "caption":
+            self._check_image_sizes(meta_file)
+
+    def _check_image_sizes(self, meta_file: Path) -> None:
+        import pyarrow.compute as pc
+
+        try:
+            size = int(np.prod([int(n) for n in self.meta["image_shape"]]))
+        except (TypeError, ValueError):
+            raise DataError(f"{meta_file}: image_shape of task {self.name} is not a list of "
+                            f"sizes; collect again with --overwrite") from None
+        got = pc.binary_length(self.ds.data.column("image")).to_numpy(zero_copy_only=False)
+        if (np.asarray(got) != size).any():
+            raise DataError(f"{meta_file} does not describe the stored images of task "
+                            f"{self.name}: image_shape makes {size} bytes, rows hold "
+                            f"{sorted(set(np.asarray(got).tolist()))[:3]}; restore task.json "
+                            f"or collect again with --overwrite")
+
+    def _check_decoding(self, meta_file: Path) -> None:
+        """task.json's decoding keys equal the copy stored with the data (when there is one:
+        folders written before it was added carry none)."""
+        try:
+            stored = json.loads(self.ds.info.description or "{}").get("moe_gato_decoding")
+        except (json.JSONDecodeError, AttributeError):
+            stored = None
+        if not isinstance(stored, dict):
+            return
+        for key in DECODING_KEYS:
+            if stored.get(key) != self.meta.get(key):
+                raise DataError(f"{meta_file}: {key} of task {self.name} is {self.meta.get(key)!r}, "
+                                f"but the data was written as {stored.get(key)!r}; the file was "
+                                f"edited or mixed up: restore it or collect again with --overwrite")
+
+    def _check_sizes(self, meta_file: Path) -> None:
+        """The bytes of every row's arrays are length x shape x itemsize of task.json."""
+        import pyarrow.compute as pc
+
+        table = self.ds.data
+        lengths = np.asarray(table.column("length").to_numpy(), np.int64)
+        per_step = {"rewards": 4}
+        if self.meta["action_kind"] == "discrete":
+            per_step["actions"] = 8
+        else:
+            per_step["actions"] = 4 * int(self.meta["action_dim"])
+        for key, spec in self.obs_spec.items():
+            if spec.modality != "text":
+                per_step[f"obs/{key}"] = np.dtype(spec.dtype).itemsize * int(np.prod(spec.shape))
+        for col, size in per_step.items():
+            if col not in table.column_names:
+                raise DataError(f"{meta_file} declares {col} of task {self.name}, which the "
+                                f"stored data lacks; collect again with --overwrite")
+            got = np.asarray(pc.binary_length(table.column(col)).to_numpy(zero_copy_only=False),
+                             np.int64)
+            bad = np.flatnonzero(got != lengths * size)
+            if len(bad):
+                i = int(bad[0])
+                raise DataError(f"{meta_file} does not describe the stored {col} of task "
+                                f"{self.name}: row {i} holds {got[i]} bytes, task.json's dtype "
+                                f"and shape make {lengths[i]} x {size}; restore task.json or "
+                                f"collect again with --overwrite")
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -193,8 +278,12 @@ def read_manifest(root: str | Path) -> dict:
         raise DataError(f"{path} is missing; run `moe-gato collect --out {root}` first")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); collect again with --overwrite") from None
+    tasks = manifest.get("tasks", {}) if isinstance(manifest, dict) else None
+    if not isinstance(tasks, dict) or not all(isinstance(e, dict) for e in tasks.values()):
+        raise DataError(f"{path} does not hold a manifest (an object with a \"tasks\" mapping); "
+                        f"collect again with --overwrite")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path} is data format version {manifest.get('format_version')}, this "
                         f"code reads {FORMAT_VERSION}; collect again with --overwrite")

@@ -1,5 +1,8 @@
 """Checkpoints: ``model.safetensors`` (tensors only, never pickles) plus ``config.yaml``
-(the resolved ``ModelConfig``). Bad or mismatched files raise ``ValueError``.
+(the resolved ``ModelConfig``). A training checkpoint adds ``checksums.json`` (sha256 of
+every file); loading verifies the model's two files against it when it is there and warns
+when it is not (``verify=False`` skips both). Bad, corrupt or mismatched files raise
+``ValueError``.
 
     save_checkpoint(model, "runs/x/step_100")
     model = load_checkpoint("runs/x/step_100")
@@ -7,6 +10,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,7 +22,45 @@ from safetensors.torch import load_file, save_file
 from moe_gato.config import load_config, save_config
 from moe_gato.model.config import ModelConfig
 
-WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
+WEIGHTS, CONFIG, CHECKSUMS = "model.safetensors", "config.yaml", "checksums.json"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """``checksums.json``: sha256 of every file under ``directory`` (itself excluded)."""
+    sums = {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.relative_to(directory) != Path(CHECKSUMS)}
+    (directory / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+
+
+def checksum_problem(directory: Path, names: list[str] | None = None) -> str | None:
+    """None if every file listed in ``checksums.json`` (or only ``names``, which must be
+    listed) matches its checksum; else what is wrong."""
+    sums_file = directory / CHECKSUMS
+    if not sums_file.is_file():
+        return f"{CHECKSUMS} is missing"
+    try:
+        sums = json.loads(sums_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{CHECKSUMS} is not valid JSON ({exc})"
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        return f"{CHECKSUMS} is not a mapping of file name to sha256"
+    for name in names if names is not None else sums:
+        if name not in sums:
+            return f"{CHECKSUMS} does not list {name}"
+        f = directory / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if sha256_file(f) != sums[name]:
+            return f"{name} does not match its checksum (corrupt or truncated)"
+    return None
 
 
 def save_checkpoint(model, directory: str | Path, state_dict: dict | None = None) -> Path:
@@ -33,13 +77,23 @@ def save_checkpoint(model, directory: str | Path, state_dict: dict | None = None
     return directory
 
 
-def load_checkpoint(directory: str | Path, *, map_location: str | torch.device = "cpu"):
+def load_checkpoint(directory: str | Path, *, map_location: str | torch.device = "cpu",
+                    verify: bool = True):
+    """The model in ``directory``. With ``verify`` (the default) its files are checked
+    against ``checksums.json`` (a mismatch is a ``ValueError``); a folder without that file
+    loads with a warning. ``verify=False``: no check, no warning (the caller verified)."""
     from moe_gato.model import build_model
 
     directory = Path(directory)
     for name in (WEIGHTS, CONFIG):
         if not (directory / name).is_file():
             raise ValueError(f"checkpoint {directory} has no {name}")
+    if verify:
+        if not (directory / CHECKSUMS).is_file():
+            warnings.warn(f"checkpoint {directory} has no {CHECKSUMS}: its files are loaded "
+                          f"unverified", stacklevel=2)
+        elif problem := checksum_problem(directory, [WEIGHTS, CONFIG]):
+            raise ValueError(f"checkpoint {directory}: {problem}")
     cfg = load_config(ModelConfig, directory / CONFIG)
     try:
         state = load_file(str(directory / WEIGHTS), device=str(map_location))

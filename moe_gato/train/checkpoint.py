@@ -12,14 +12,17 @@ A checkpoint is a folder ``RUN/checkpoints/step_00000100/``:
     checksums.json                   sha256 of every file above (written last)
 
 It is written into ``step_X.tmp`` and renamed into place, so a crash never leaves a
-half-written folder under the final name. Loading verifies the checksums; a corrupt or
-truncated checkpoint is skipped with a warning and the previous one is used. Nothing is
-unpickled.
+half-written folder under the final name, and it is never written when a weight or an
+optimizer tensor is non-finite. Resuming (``resume_checkpoint``) takes the newest
+checkpoint that loads: its checksums verify, its files parse, every tensor has the
+model's (optimizer's) names, shapes and dtypes and is finite. One that fails is skipped
+with a warning; when every one fails, ``CheckpointError`` lists them all and nothing is
+touched. Keep-last prunes by step number, among the steps up to the one just written.
+Nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -29,21 +32,25 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moe_gato.config import save_config
 from moe_gato.model import save_checkpoint as save_model
+from moe_gato.model.checkpoint import CHECKSUMS, checksum_problem, write_checksums
 
-CHECKSUMS = "checksums.json"
 PREFIX = "step_"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written (non-finite state) or loaded, or a run none of
+    whose checkpoints loads."""
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a nan or an inf."""
+    return [k for k, t in tensors.items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
@@ -92,10 +99,15 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Mod
     ``optimizer=None`` when the optimizer state was already written into the ``.tmp``
     folder by every rank (DeepSpeed's ZeRO shards under ``deepspeed/``, or expert-parallel
     shards under ``optimizer/``). ``model_state`` replaces the model's own state dict."""
+    weights = model_state if model_state is not None else model.state_dict()
+    opt_tensors, groups = optimizer_tensors(optimizer) if optimizer is not None else ({}, [])
+    bad = non_finite(weights) + non_finite(opt_tensors)
+    if bad:
+        raise CheckpointError(f"not writing checkpoint step {step}: {len(bad)} tensor(s) hold "
+                              f"non-finite values, e.g. {bad[:3]}")
     tmp = staging_dir(run_dir, step, clear=optimizer is not None)
     save_model(model, tmp, model_state)
     if optimizer is not None:
-        opt_tensors, groups = optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         state = {**state, "optimizer_groups": groups}
     rng_tensors, rng_meta = rng_state()
@@ -103,13 +115,15 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Mod
     full_state = {"step": step, "rng": rng_meta, **state}
     (tmp / "state.json").write_text(json.dumps(full_state, indent=1, default=_json_default))
     save_config(train_cfg, tmp / "train_config.yaml")
-    sums = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+    write_checksums(tmp)
     final = tmp.with_name(f"{PREFIX}{step:08d}")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+    # later steps are a broken timeline this run resumed before (they are replaced when
+    # it gets there); never let them push the checkpoints of this one out
+    ours = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) <= step]
+    for old in ours[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -156,31 +170,24 @@ def load_optimizer_shard(path: Path, rank: int, optimizer: torch.optim.Optimizer
                       json.loads((folder / f"rank_{rank}.json").read_text()))
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Finished checkpoint folders, oldest first (``.tmp`` leftovers are ignored)."""
+    """Finished checkpoint folders ``step_<digits>``, by step number, oldest first (``.tmp``
+    leftovers are ignored)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir()
-                  if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp"))
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=checkpoint_step)
 
 
 def verify_checkpoint(path: Path) -> str | None:
     """None if every file matches its checksum, else what is wrong."""
-    sums_file = path / CHECKSUMS
-    if not sums_file.is_file():
-        return f"{CHECKSUMS} is missing"
-    try:
-        sums = json.loads(sums_file.read_text())
-    except json.JSONDecodeError as exc:
-        return f"{CHECKSUMS} is not valid JSON ({exc})"
-    for name, digest in sums.items():
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if _sha256(f) != digest:
-            return f"{name} does not match its checksum (corrupt or truncated)"
-    return None
+    return checksum_problem(Path(path))
 
 
 def latest_valid_checkpoint(run_dir: str | Path) -> Path | None:
@@ -194,22 +201,103 @@ def latest_valid_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
+def resume_checkpoint(run_dir: str | Path, load) -> Path | None:
+    """Calls ``load(path)`` on the newest checkpoint whose checksums verify, then on the
+    previous ones while it raises; returns the checkpoint that loaded. Each one skipped is
+    a warning. None when the run has no checkpoint; ``CheckpointError`` listing every
+    checkpoint and its problem when it has some and none loads."""
+    problems = []
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            try:
+                load(path)
+                return path
+            except Exception as exc:  # noqa: BLE001 - anything unreadable: the previous one
+                problem = f"cannot be loaded ({type(exc).__name__}: {exc})"
+        problems.append(f"{path.name}: {problem}")
+        warnings.warn(f"skipping checkpoint {path}: {problem}; trying the previous one",
+                      stacklevel=2)
+    if problems:
+        raise CheckpointError(
+            f"no checkpoint of {run_dir} can be resumed from; nothing was changed. Fix or move "
+            f"them (or start over with --overwrite, which moves the run aside):\n  "
+            + "\n  ".join(problems))
+    return None
+
+
+def _check_tensors(path: Path, file: str, got: dict[str, torch.Tensor],
+                   want: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or unexpected:
+        raise CheckpointError(f"{path / file} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    for k, t in got.items():
+        if t.shape != want[k].shape or t.dtype != want[k].dtype:
+            raise CheckpointError(f"{path / file}: {k} is {tuple(t.shape)} {t.dtype}, the model "
+                                  f"wants {tuple(want[k].shape)} {want[k].dtype}")
+    bad = non_finite(got)
+    if bad:
+        raise CheckpointError(f"{path / file} holds non-finite values in {bad[:3]}")
+
+
+def _optimizer_shapes(optimizer: torch.optim.Optimizer, groups: list,
+                      tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What ``tensors`` must look like for ``optimizer`` (per-parameter state shaped as
+    the parameter, scalars as scalars)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not isinstance(groups, list) or [len(g.get("params", [])) for g in groups] != [
+            len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointError("the optimizer's parameter groups do not match the model")
+    want = {}
+    for key, t in tensors.items():
+        parts = key.split("/", 2)
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() \
+                or int(parts[1]) >= len(params):
+            raise CheckpointError(f"optimizer.safetensors holds an unknown tensor {key!r}")
+        p = params[int(parts[1])]
+        want[key] = (torch.empty((), dtype=t.dtype) if t.dim() == 0
+                     else torch.empty(p.shape, dtype=p.dtype))
+    return want
+
+
 def load_training_state(path: Path, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer | None,
                         localize=None) -> dict[str, Any]:
     """Loads weights, optimizer and RNG from ``path`` into the given objects; returns the
     JSON state (step, tokens, scheduler, data position, ...). ``localize`` maps the full
-    state dict to this rank's part (expert parallelism)."""
-    weights = load_file(str(path / "model.safetensors"))
+    state dict to this rank's part (expert parallelism). Everything is read and checked
+    (names, shapes, dtypes, finite values) before anything is applied: a checkpoint that
+    cannot be loaded raises ``CheckpointError`` and leaves the objects as they were."""
+    path = Path(path)
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+        state = json.loads((path / "state.json").read_text())
+        opt = load_file(str(path / "optimizer.safetensors")) if optimizer is not None else None
+        rng = load_file(str(path / "rng.safetensors"))
+    except (SafetensorError, OSError, UnicodeDecodeError, json.JSONDecodeError,
+            RuntimeError) as exc:
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not {"step", "tokens", "rng"} <= set(state):
+        raise CheckpointError(f"{path / 'state.json'} lacks step, tokens or rng")
     if localize is not None:
         weights = localize(weights)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    state = json.loads((path / "state.json").read_text())
+    _check_tensors(path, "model.safetensors", weights, model.state_dict())
     if optimizer is not None:
-        restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")),
-                          state.pop("optimizer_groups"))
-    restore_rng(load_file(str(path / "rng.safetensors")), state.pop("rng"))
+        groups = state.pop("optimizer_groups", None)
+        _check_tensors(path, "optimizer.safetensors", opt, _optimizer_shapes(optimizer, groups, opt))
+    torch_rng = torch.get_rng_state()
+    if "torch" not in rng or rng["torch"].shape != torch_rng.shape \
+            or rng["torch"].dtype != torch_rng.dtype:
+        raise CheckpointError(f"{path / 'rng.safetensors'} holds no valid torch generator state")
+    rng_meta = state.pop("rng")
+    try:
+        v, py_state, gauss = rng_meta["python"]
+        random.Random().setstate((v, tuple(py_state), gauss))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'state.json'}: bad python RNG state ({exc})") from None
+    model.load_state_dict(weights)
+    if optimizer is not None:
+        restore_optimizer(optimizer, opt, groups)
+    restore_rng(rng, rng_meta)
     return state

@@ -36,8 +36,16 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        numbers = {f: getattr(self, f) for f in ("lr", "eps", "weight_decay", "min_lr_ratio",
+                                                 "grad_clip")}
+        numbers.update({f"betas[{i}]": b for i, b in enumerate(self.betas)})
+        for field, value in numbers.items():  # nan/inf pass every comparison below
+            if not math.isfinite(value):
+                raise ValueError(f"optim.{field} must be a finite number, got {value}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
         if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
@@ -95,6 +103,11 @@ class TrainConfig:
                       "eval_every", "checkpoint_every", "eval_sequences"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.peak_flops is not None and not (math.isfinite(self.peak_flops)
+                                                and self.peak_flops > 0):
+            raise ValueError(f"peak_flops must be a finite number > 0 or null, got {self.peak_flops}")
         if self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
         if self.tokens is None and self.steps is None:

@@ -10,6 +10,11 @@ of seed and index); rank ``r`` takes micro-batch ``m`` = sequences
 step (all ranks, all micro-batches), so any split of the same global batch gives the same
 gradients as one process. Resume restores weights, optimizer, step, tokens, data position
 and RNG; metrics of steps after the checkpoint are dropped from ``metrics.jsonl``.
+
+A run directory is never overwritten unless asked (``overwrite=True``, ``--overwrite``: the
+old run is moved aside to ``RUN.old-<time>``); a resumed run keeps its saved config except
+for the budget and the bookkeeping keys in ``CHANGEABLE_ON_RESUME``, whose changes are
+applied, warned about and recorded in ``config_changes.jsonl``.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_gato.config import deep_merge, save_config
+from moe_gato.config import deep_merge, save_config, to_dict
 from moe_gato.model import build_model
 from moe_gato.model.moe import ModalityRoutedMoE
 from moe_gato.tokenizer import KIND_NAMES, collate
@@ -37,7 +43,44 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss); the message names the step and checkpoint."""
+    """Training cannot go on (non-finite loss or weights, a step without targets); the
+    message names the step and the last good checkpoint."""
+
+
+#: config keys a resumed run may change (applied, warned about, recorded): the budget, and
+#: bookkeeping that leaves the loss curve alone. Any other difference is refused.
+#: also the peak learning rate: lowering it is how a run that diverged goes on from its
+#: last finite checkpoint
+CHANGEABLE_ON_RESUME = ("steps", "tokens", "optim.lr", "log_every", "eval_every", "eval_sequences",
+                        "checkpoint_every", "keep_last", "device", "peak_flops",
+                        "micro_batch_size", "resume", "data.cache_mb", "data.data_dir")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds (part of) a training run."""
+    return any((run_dir / name).exists() for name in RUN_FILES)
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and key not in ("data.tasks", "deepspeed.extra"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(saved: dict, cfg: TrainConfig) -> dict[str, list]:
+    """``{dotted key: [saved value, new value]}`` of every setting that differs."""
+    import yaml
+
+    new = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+    old = _flatten(saved)
+    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)}
 
 
 # ----------------------------------------------------------------------- schedule
@@ -205,7 +248,9 @@ class MetricsLog:
             # drop the steps after the checkpoint, and a last line cut short by a kill
             keep = [ln for ln in self.path.read_text().splitlines()
                     if (record := _parse_json(ln)) is not None and record.get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            tmp = self.path.with_suffix(".jsonl.tmp")  # a kill mid-write must not empty it
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         from torch.utils.tensorboard import SummaryWriter
@@ -229,11 +274,17 @@ class MetricsLog:
 
 # ------------------------------------------------------------------------ trainer
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, data_dir: str | Path | None = None):
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, data_dir: str | Path | None = None,
+                 overwrite: bool = False):
         from moe_gato.data.loader import SequenceLoader
 
+        if not str(run_dir).strip():
+            raise ValueError("the run directory (--out) is empty; name a folder")
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"run directory {self.run_dir} exists and is not a folder")
+        self.overwrite = overwrite
         self.dist = setup_distributed(cfg)
         self.data_dir = Path(data_dir or cfg.data.data_dir)
         torch.manual_seed(cfg.seed)
@@ -251,6 +302,11 @@ class Trainer:
         if cfg.deepspeed.enabled:
             self._init_deepspeed()
         self.loader = SequenceLoader(cfg.data, split="train", seed=cfg.seed, data_dir=self.data_dir)
+        for task, n in self.loader.max_timestep_tokens().items():
+            if n > cfg.data.context_len:
+                raise ValueError(f"data.context_len ({cfg.data.context_len}) cannot hold one "
+                                 f"timestep of {task} ({n} tokens): nothing would be learned; "
+                                 f"set data.context_len and model.context_length to >= {n}")
         self.step = 0
         self.tokens = 0
         self.peak_flops = cfg.peak_flops or measure_peak_flops(self.dist.device)
@@ -284,12 +340,58 @@ class Trainer:
         return {k: v.to(d.device) for k, v in batch.items()}
 
     # ------------------------------------------------------------ resume
+    def prepare_run_dir(self) -> dict[str, list]:
+        """Moves an old run aside (``overwrite``), refuses to touch one otherwise unless
+        resuming it with the same config; returns the allowed config changes."""
+        import yaml
+
+        run, d = self.run_dir, self.dist
+        if self.overwrite:
+            if d.main and holds_run(run):
+                aside = run.with_name(f"{run.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                while aside.exists():
+                    aside = aside.with_name(aside.name + "_")
+                run.rename(aside)
+                print(f"moved the old run {run} aside to {aside}")
+            if dist.is_initialized():
+                dist.barrier()
+            return {}
+        if not holds_run(run):
+            return {}
+        if self.cfg.resume == "never":
+            raise ValueError(f"{run} holds a run and resume=never: pass --overwrite to move it "
+                             f"aside and start over, or resume=auto to continue it")
+        saved_file = run / "config.yaml"
+        if not saved_file.is_file():
+            return {}
+        try:
+            saved = yaml.safe_load(saved_file.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"{saved_file} is unreadable ({exc}); pass --overwrite to start "
+                             f"over (the old run is moved aside)") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"{saved_file} does not hold a config mapping; pass --overwrite "
+                             f"to start over (the old run is moved aside)")
+        changes = config_changes(saved, self.cfg)
+        refused = {k: v for k, v in changes.items() if k not in CHANGEABLE_ON_RESUME}
+        if refused:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+            raise ValueError(f"{run} was trained with another config ({listed}); resume it with "
+                             f"its own settings, choose another --out, or pass --overwrite to "
+                             f"move it aside and start over")
+        return changes
+
     def maybe_resume(self) -> int | None:
+        """Restores the newest checkpoint that loads (see ``checkpoint.resume_checkpoint``);
+        None when starting fresh. ``CheckpointError`` when the run has checkpoints and none
+        loads: nothing is changed."""
         if self.cfg.resume != "auto":
             return None
-        path = ckpt.latest_valid_checkpoint(self.run_dir)
-        if path is None:
+        if ckpt.resume_checkpoint(self.run_dir, self._load) is None:
             return None
+        return self.step
+
+    def _load(self, path: Path) -> None:
         localize = None
         if self.engine is not None:
             self.engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=True,
@@ -302,10 +404,9 @@ class Trainer:
         plain = self.engine is None and self.cfg.expert_parallel_size == 1
         state = ckpt.load_training_state(path, self._module(),
                                          self.optimizer if plain else None, localize)
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.loader.load_state_dict(state["data"])
         np.random.set_state(_np_state_from_json(state["numpy"]))
-        return self.step
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
 
     def _module(self) -> torch.nn.Module:
         return self.engine.module if self.engine is not None else self.model
@@ -349,7 +450,11 @@ class Trainer:
             group["lr"] = lr
         batches = [self.micro_batch(self.step, m) for m in range(self.accum)]
         targets = torch.tensor([float(b["loss_mask"][:, 1:].sum()) for b in batches])
-        total_targets = all_reduce_sum(targets.sum().clone()).clamp(min=1)
+        total_targets = all_reduce_sum(targets.sum().clone())
+        if total_targets == 0:
+            raise TrainingError(f"the batch of step {self.step} holds no target token "
+                                f"(context too short for a timestep?); stopping. Last good "
+                                f"checkpoint: {self._last_good()}")
         # loss sum, aux + z, then (loss sum, targets) per kind: one all-reduce for all of it
         sums = torch.zeros(2 + len(KIND_NAMES) * 2, dtype=torch.float64)
         routing_last = None
@@ -385,13 +490,18 @@ class Trainer:
         if cfg.model.ffn == "moe" and cfg.model.moe.bias_balancing and routing_last:
             model.update_router_biases(routing_last)
         elapsed = time.perf_counter() - start
+        # the update itself may break the weights (a huge lr): check them after the step
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+        bad_weights = (~finite).double().cpu()  # one device sync
         all_reduce_sum(sums)
+        all_reduce_sum(bad_weights)
         loss = float(sums[0] / total_targets)
-        if not math.isfinite(loss) or not math.isfinite(grad_norm):
-            last = ckpt.list_checkpoints(self.run_dir)
+        if not math.isfinite(loss) or not math.isfinite(grad_norm) or bad_weights > 0:
+            what = "the weights after the update are non-finite" if bad_weights > 0 else ""
             raise TrainingError(
-                f"loss is {loss} (grad norm {grad_norm}) at step {self.step}; stopping. "
-                f"Last good checkpoint: {last[-1] if last else 'none'}")
+                f"loss is {loss} (grad norm {grad_norm}) at step {self.step}"
+                f"{'; ' + what if what else ''}; stopping. "
+                f"Last good checkpoint: {self._last_good()}")
         self.step += 1
         self.tokens += cfg.tokens_per_step
         tps = cfg.tokens_per_step / max(elapsed, 1e-9)
@@ -404,6 +514,14 @@ class Trainer:
         if routing_last:
             record.update(routing_metrics(routing_last))
         return record
+
+    def _last_good(self) -> str:
+        """The newest checkpoint of this run's timeline whose checksums verify (checkpoints
+        are never written with non-finite tensors)."""
+        for path in reversed(ckpt.list_checkpoints(self.run_dir)):
+            if ckpt.checkpoint_step(path) <= self.step and ckpt.verify_checkpoint(path) is None:
+                return str(path)
+        return "none"
 
     def _optimizer_step(self, model: torch.nn.Module) -> float:
         if self.engine is not None:
@@ -464,10 +582,23 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, d = self.cfg, self.dist
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        resumed = self.maybe_resume()
+        changes = self.prepare_run_dir()
+        resumed = self.maybe_resume()  # raises, changing nothing, when no checkpoint loads
+        if resumed is not None and resumed > cfg.num_steps:
+            raise ValueError(f"{self.run_dir} is at step {resumed}, beyond this config's budget "
+                             f"of {cfg.num_steps} steps; raise steps or tokens")
         if d.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if changes:
+                listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+                warnings.warn(f"{self.run_dir}: resuming at step {resumed or 0} with changed "
+                              f"settings ({listed}); recorded in config_changes.jsonl",
+                              stacklevel=2)
+                with open(self.run_dir / "config_changes.jsonl", "a") as f:
+                    f.write(json.dumps({"step": resumed or 0, "changes": changes}) + "\n")
             save_config(cfg, self.run_dir / "config.yaml")
+        if dist.is_initialized():
+            dist.barrier()
         log = MetricsLog(self.run_dir, resumed, d.main)
         bar = tqdm(total=cfg.num_steps, initial=self.step, disable=not d.main,
                    desc=f"train {self.run_dir.name}", unit="step")
@@ -504,6 +635,8 @@ def _np_state_from_json(s: list):
     return (s[0], np.asarray(s[1], np.uint32), s[2], s[3], s[4])
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, *, data_dir: str | Path | None = None) -> dict:
-    """Trains to the configured token/step budget; returns the last logged record."""
-    return Trainer(cfg, run_dir, data_dir=data_dir).fit()
+def train(cfg: TrainConfig, run_dir: str | Path, *, data_dir: str | Path | None = None,
+          overwrite: bool = False) -> dict:
+    """Trains to the configured token/step budget; returns the last logged record ({} when
+    the run had already reached it). ``overwrite`` moves an old run in ``run_dir`` aside."""
+    return Trainer(cfg, run_dir, data_dir=data_dir, overwrite=overwrite).fit()
