@@ -101,16 +101,21 @@ def load_checkpoint(directory: str | Path, *, map_location: str | torch.device =
         raise ValueError(f"checkpoint {directory / WEIGHTS} is not a valid safetensors "
                          f"file: {exc}") from None
     model = build_model(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {directory} does not match its config: missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}")
-    for k, v in state.items():
-        if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
-            raise ValueError(f"checkpoint {directory}: {k} has shape {tuple(v.shape)} "
-                             f"{v.dtype}, the config wants {tuple(expected[k].shape)} "
-                             f"{expected[k].dtype}")
+    problem = state_mismatch(state, model.state_dict(), wanted_by="the config")
+    if problem:
+        raise ValueError(f"checkpoint {directory} does not match its config: {problem}")
     model.load_state_dict(state)
     return model.to(map_location)
+
+
+def state_mismatch(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], *,
+                   wanted_by: str) -> str | None:
+    """What differs between two state dicts in names, shapes or dtypes; None if nothing."""
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or unexpected:
+        return f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+    for k, t in got.items():
+        if t.shape != want[k].shape or t.dtype != want[k].dtype:
+            return (f"{k} has shape {tuple(t.shape)} {t.dtype}, {wanted_by} wants "
+                    f"{tuple(want[k].shape)} {want[k].dtype}")
+    return None

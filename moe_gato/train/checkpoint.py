@@ -37,7 +37,8 @@ from safetensors.torch import load_file, save_file
 
 from moe_gato.config import save_config
 from moe_gato.model import save_checkpoint as save_model
-from moe_gato.model.checkpoint import CHECKSUMS, checksum_problem, write_checksums
+from moe_gato.model.checkpoint import (CHECKSUMS, checksum_problem, state_mismatch,
+                                       write_checksums)
 
 PREFIX = "step_"
 
@@ -228,14 +229,9 @@ def resume_checkpoint(run_dir: str | Path, load) -> Path | None:
 
 def _check_tensors(path: Path, file: str, got: dict[str, torch.Tensor],
                    want: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    if missing or unexpected:
-        raise CheckpointError(f"{path / file} does not match the model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    for k, t in got.items():
-        if t.shape != want[k].shape or t.dtype != want[k].dtype:
-            raise CheckpointError(f"{path / file}: {k} is {tuple(t.shape)} {t.dtype}, the model "
-                                  f"wants {tuple(want[k].shape)} {want[k].dtype}")
+    problem = state_mismatch(got, want, wanted_by="the model")
+    if problem:
+        raise CheckpointError(f"{path / file} does not match the model: {problem}")
     bad = non_finite(got)
     if bad:
         raise CheckpointError(f"{path / file} holds non-finite values in {bad[:3]}")
