@@ -426,6 +426,9 @@ def _train_child(config: str, run: str, resumed_file: str) -> None:
     """A forked training process (no interpreter start-up): records where it resumed."""
     code = 0
     try:
+        # one thread: an OpenMP pool the parent started does not survive fork (a child that
+        # used it could hang), and the parent's reference run uses one thread too
+        torch.set_num_threads(1)
         sys.stdout = sys.stderr = open(os.devnull, "w")
         warnings.simplefilter("ignore")
         trainer = Trainer(load_train_config(config), run)
@@ -439,6 +442,9 @@ def _train_child(config: str, run: str, resumed_file: str) -> None:
         trainer.maybe_resume = recorded
         trainer.fit()
     except BaseException:  # noqa: BLE001 - reported to the parent by the exit code
+        import traceback
+
+        Path(resumed_file + ".error").write_text(traceback.format_exc())
         code = 1
     finally:
         os._exit(code)
@@ -468,6 +474,15 @@ def test_ten_kills_at_random_steps_with_corrupt_checkpoints_lose_nothing(tmp_pat
     steps = 22  # 10 kills advance at most 2 steps each: every one lands before the end
     config = write_config(tmp_path, tiny_suite, steps=steps, checkpoint_every=2, eval_every=100,
                           keep_last=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the forked children (see _train_child)
+    try:
+        _ten_kills(tmp_path, config, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _ten_kills(tmp_path: Path, config: Path, steps: int) -> None:
     ref = tmp_path / "ref"
     Trainer(load_train_config(config), ref).fit()
     expected = read_metrics(ref)
@@ -501,7 +516,9 @@ def test_ten_kills_at_random_steps_with_corrupt_checkpoints_lose_nothing(tmp_pat
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
-        assert proc.exitcode == -signal.SIGKILL, (i, proc.exitcode, log)  # killed, not done
+        error = Path(f"{resumed_file}.error")
+        assert proc.exitcode == -signal.SIGKILL, (  # killed, not done
+            i, proc.exitcode, log, error.read_text() if error.exists() else "")
         resumed = resumed_file.read_text()
         assert resumed == str(expect_resume), (i, resumed, expect_resume, log)
         rows = read_metrics(run) if (run / "metrics.jsonl").exists() else []
