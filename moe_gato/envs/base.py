@@ -69,13 +69,6 @@ class ControlTask:
         return TaskInfo(name=self.name, obs_spec=dict(self.obs_spec), action_kind=self.action_kind,
                         action_dim=self.action_dim, action_low=low, action_high=high)
 
-    def scale_action(self, action: Any) -> np.ndarray:
-        """Env action -> stored action (int64 index, or float32 in [-1, 1])."""
-        return self.info.scale_action(action)
-
-    def unscale_action(self, action: np.ndarray) -> np.ndarray:
-        """Stored action in [-1, 1] -> env action (what a trained policy sends)."""
-        return self.info.to_env_action(action)
 
 
 class GymTask(ControlTask):

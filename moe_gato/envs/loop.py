@@ -82,7 +82,7 @@ class _Recorder:
         if self.record:
             for key, value in fields.items():
                 self.fields[key].append(value)
-        self.actions.append(self.task.scale_action(action))
+        self.actions.append(self.task.info.scale_action(action))
         self.rewards.append(reward)
         self.success = self.success or bool(info.get("success", False))
         self.done = terminated or truncated or len(self.actions) >= self.task.max_steps
