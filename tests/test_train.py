@@ -222,3 +222,15 @@ def test_expert_parallel_training_matches_one_process(tmp_path, tiny_suite):
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)  # 4 AdamW steps
+
+
+def test_a_model_vocabulary_that_does_not_fit_the_data_is_refused(tmp_path, tiny_suite):
+    """Issue #10, item 3: a gato-* vocabulary (32000 text pieces) on data tokenized with the
+    shipped 8192-piece model would put actions and '|' on rows that never see data."""
+    path = write_config(tmp_path, tiny_suite)
+    with pytest.raises(ValueError, match="model.text_vocab_size is 32000 but the data's text "
+                                         "tokenizer .* has 8192 pieces"):
+        Trainer(load_train_config(path, ["model.text_vocab_size=32000"]), tmp_path / "run")
+    with pytest.raises(ValueError, match="discrete_offset"):
+        Trainer(load_train_config(path, ["model.discrete_offset=separate"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -214,6 +214,20 @@ def add_kind_losses(sums_K2: torch.Tensor, batch: dict, out) -> None:
         sums_K2[k, 1] += n
 
 
+def check_vocabulary(model_layout, tokenizer) -> None:
+    """The model's token layout must be the one the data is tokenized with: otherwise the
+    actions and the separator land on rows that never see data, silently."""
+    data = tokenizer.layout
+    if model_layout.text_vocab_size != data.text_vocab_size:
+        raise ValueError(f"model.text_vocab_size is {model_layout.text_vocab_size} but the data's "
+                         f"text tokenizer ({tokenizer.text.model_path.name}) has "
+                         f"{data.text_vocab_size} pieces; set model.text_vocab_size="
+                         f"{data.text_vocab_size}")
+    if model_layout != data:
+        raise ValueError(f"the model's vocabulary layout {model_layout} differs from the data's "
+                         f"{data} (model.num_bins / model.discrete_offset)")
+
+
 def action_hits(logits_BLV: torch.Tensor, batch: dict, layout) -> tuple[int, int]:
     """(correct, total) teacher-forced action predictions: the argmax over the target's own
     id range (as a policy decodes) equals the expert's action token."""
@@ -276,10 +290,11 @@ class MetricsLog:
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, data_dir: str | Path | None = None,
                  overwrite: bool = False):
-        from moe_gato.data.loader import SequenceLoader
+        from moe_gato.data.loader import SequenceLoader, default_tokenizer
 
         if not str(run_dir).strip():
             raise ValueError("the run directory (--out) is empty; name a folder")
+        check_vocabulary(cfg.model.layout, default_tokenizer())
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         if self.run_dir.exists() and not self.run_dir.is_dir():
