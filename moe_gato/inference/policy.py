@@ -41,6 +41,7 @@ import torch
 from moe_gato.envs.episode import Episode, TaskInfo
 from moe_gato.tokenizer import GatoTokenizer, Kind, TokenSequence, collate
 from moe_gato.tokenizer.layout import ACTION_LOCAL_POS, PATCH_CHANNELS, PATCH_SIZE
+from moe_gato.tokenizer.pack import timestep_starts
 
 #: prompt slots are tagged with this; they are never evicted
 PROMPT_TAG = -2
@@ -187,12 +188,8 @@ class Policy:
         """The demonstration's last whole timesteps within ``prompt_share`` of the context."""
         seq = self.tok.tokenize_episode(episode.observations, episode.actions,
                                         action_kind=self.task.action_kind, spec=self.spec)
-        budget = int(self.prompt_share * self.context_length)
-        starts = np.flatnonzero(np.diff(seq.timestep, prepend=-1) != 0)  # timestep starts
-        fits = [s for s in starts if len(seq) - s <= budget]
-        if not fits:
-            return None  # not even one timestep fits: no prompt
-        return seq.slice(int(fits[0]), len(seq))
+        # None when not even one timestep fits: no prompt
+        return _newest_timesteps(seq, int(self.prompt_share * self.context_length))
 
     def _keep_rows(self, rows: list[int]) -> None:
         index = {r: i for i, r in enumerate(self.rows)}
@@ -259,8 +256,12 @@ class Policy:
         prompt and the newest whole timesteps that fit with this step's action tokens)."""
         A = self.num_action_tokens
         budget = self.context_length - self._prompt_len() - (A - 1)
-        windows = [_newest_timesteps(TokenSequence.concat([*hist, seq]), budget, self._too_long)
-                   for hist, seq in zip(self.history, steps, strict=True)]
+        windows = []
+        for hist, seq in zip(self.history, steps, strict=True):
+            window = _newest_timesteps(TokenSequence.concat([*hist, seq]), budget)
+            if window is None:
+                self._too_long(len(seq) + A - 1)
+            windows.append(window)
         lo, hi = self.model.cfg.layout.id_range(self.action_kind)
         hi = lo + self.num_choices if self.num_choices else hi
         out = []
@@ -316,7 +317,8 @@ class Policy:
         for i, s in enumerate(seqs):
             k = width - len(s)
             valid[i, n_lead:n_lead + k] = False
-            parts = ([] if lead is None else [lead[i]]) + ([_pad(k, self.tok.layout.pad_id)] if k else [])
+            pad = TokenSequence.empty().pad_to(k, self.tok.layout)
+            parts = ([] if lead is None else [lead[i]]) + ([pad] if k else [])
             padded.append(TokenSequence.concat(parts + [s]) if parts else s)
         batch = collate(padded)
         if not valid.all():
@@ -324,15 +326,14 @@ class Policy:
         return {k: v.to(self.device) for k, v in batch.items()}
 
 
-def _newest_timesteps(seq: TokenSequence, budget: int, too_long) -> TokenSequence:
-    """The newest whole timesteps of ``seq`` that fit in ``budget`` positions."""
+def _newest_timesteps(seq: TokenSequence, budget: int) -> TokenSequence | None:
+    """The newest whole timesteps of ``seq`` that fit in ``budget`` positions (None if not
+    even the last one fits)."""
     if len(seq) <= budget:
         return seq
-    starts = np.flatnonzero(np.diff(seq.timestep, prepend=-1) != 0)
+    starts = timestep_starts(seq)
     fits = starts[len(seq) - starts <= budget]
-    if not len(fits):
-        too_long(len(seq) - int(starts[-1]))
-    return seq.slice(int(fits[0]), len(seq))
+    return seq.slice(int(fits[0]), len(seq)) if len(fits) else None
 
 
 def _action_tokens(tokens: list[int], kind: Kind, timestep: int) -> TokenSequence:
@@ -341,11 +342,4 @@ def _action_tokens(tokens: list[int], kind: Kind, timestep: int) -> TokenSequenc
                          local_pos=np.full(n, ACTION_LOCAL_POS, np.int32),
                          loss_mask=np.ones(n, bool), timestep=np.full(n, timestep, np.int32),
                          image_rc=np.zeros((n, 4), np.float32),
-                         patches=np.zeros((0, PATCH_CHANNELS, PATCH_SIZE, PATCH_SIZE), np.float32))
-
-
-def _pad(n: int, pad_id: int) -> TokenSequence:
-    return TokenSequence(tokens=np.full(n, pad_id, np.int64), kinds=np.full(n, Kind.PAD, np.int8),
-                         local_pos=np.zeros(n, np.int32), loss_mask=np.zeros(n, bool),
-                         timestep=np.full(n, -1, np.int32), image_rc=np.zeros((n, 4), np.float32),
                          patches=np.zeros((0, PATCH_CHANNELS, PATCH_SIZE, PATCH_SIZE), np.float32))
