@@ -75,6 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moe_gato.data.cli import collect_options
     from moe_gato.data.collect import collect
     from moe_gato.train import load_train_config, train
 
@@ -82,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     out = Path(args.out)
     print(f"[1/3] data: collecting the default suite into {args.data}/ (finished tasks are kept)")
-    collect("default", args.data)
+    opts = collect_options(None)  # configs/collect/default.yaml: episodes per task
+    collect(opts.pop("suite"), args.data, **opts)
     runs = {}
     for i, name in enumerate(("tiny-moe", "tiny-dense")):
         print(f"[{2 + i}/3] training {name} -> {out / name}")

@@ -154,10 +154,40 @@ def test_resume_and_bad_folders(suite, tmp_path):
 
 
 def _mixture(out, **kw):
-    tasks = {"babyai/BabyAI-GoToLocal-v0": 2.0, "metaworld/reach-v3": 2.0,
-             "classic/Pendulum-v1": 1.0, "atari/Breakout": 1.0, "vl/digits": 1.0,
-             "vl/babyai": 1.0, "text/shakespeare": 1.0}
+    tasks = kw.pop("tasks", None) or {
+        "babyai/BabyAI-GoToLocal-v0": 2.0, "metaworld/reach-v3": 2.0, "classic/Pendulum-v1": 1.0,
+        "atari/Breakout": 1.0, "vl/digits": 1.0, "vl/babyai": 1.0, "text/shakespeare": 1.0}
     return MixtureConfig(data_dir=str(out), context_len=kw.pop("context_len", 256), tasks=tasks, **kw)
+
+
+def test_episodes_per_task_come_from_a_collection_config(tmp_path):
+    from moe_gato.data.collect import load_collect_config
+    from moe_gato.envs import TASKS
+
+    shipped = load_collect_config("configs/collect/default.yaml")
+    assert shipped["suite"] == "default" and shipped["seed"] == 0
+    assert set(shipped["episodes"]) <= set(TASKS)
+    assert shipped["episodes"]["babyai/BabyAI-GoToRedBall-v0"] > TASKS[
+        "babyai/BabyAI-GoToRedBall-v0"].episodes
+    path = tmp_path / "collect.yaml"
+    path.write_text("episodes:\n  classic/CartPole-v1: 2\n  classic/MountainCar-v0: 3\n")
+    opts = load_collect_config(path)
+    assert opts["return_episodes"] == 20
+    opts["return_episodes"] = 2
+    m = collect(opts.pop("suite"), tmp_path / "data", tasks=["classic/CartPole-v1",
+                                                              "classic/MountainCar-v0"],
+                **opts, workers=1, progress=False)
+    assert m["tasks"]["classic/CartPole-v1"]["episodes"] == 2
+    assert m["tasks"]["classic/MountainCar-v0"]["episodes"] == 3
+    for text, match in [("episodes:\n  classic/CartPol-v1: 2\n", "unknown task.*CartPol-v1"),
+                        ("episodes:\n  classic/CartPole-v1: 0\n", "CartPole-v1 must be an integer >= 1"),
+                        ("episodes: 5\n", "episodes must map task names"),
+                        ("rows: 5\n", r"unknown key\(s\) \['rows'\]")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_collect_config(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_collect_config(tmp_path / "missing.yaml")
 
 
 def test_loader_sequences(suite):
@@ -199,6 +229,48 @@ def test_loader_deterministic_and_resumable(suite):
     assert any(not np.array_equal(x.tokens, next(other).tokens) for x in first)
     with pytest.raises(ValueError, match="seed"):
         other.load_state_dict(state)
+
+
+def test_loader_prompts_are_whole_and_half_show_the_end(suite):
+    """Issue-10 audit: the prompt mode is drawn once (so half of the prompts end at the real
+    episode end, long episodes cropped included), prompts and windows are whole stored
+    timesteps, and a 171-token BabyAI timestep is never prompted at context 256."""
+    from moe_gato.data.loader import slice_episode, tokenize_episode
+    from moe_gato.tokenizer import Kind
+
+    out, _ = suite
+    tasks = {"classic/CartPole-v1": 1.0, "metaworld/reach-v3": 1.0,
+             "babyai/BabyAI-GoToLocal-v0": 1.0}
+    loader = SequenceLoader(_mixture(out, tasks=tasks, prompt_prob=0.5, validation_fraction=0.0),
+                            seed=0)
+    prompted, ends = 0, 0
+    for i in range(900):
+        info = {}
+        seq = loader.sequence(i, info)
+        assert seq.loss_mask.any()
+        data = loader.data[info["task"]]
+        if info["task"].startswith("babyai"):
+            assert info["prompt_mode"] is None
+            continue
+        a, b = info["episode_steps"]
+        ep = data.episode(info["row"])
+        window = tokenize_episode(loader.tok, data, slice_episode(ep, a, b))
+        n_prompt = 0
+        if info["prompt_mode"] is not None:
+            prompted += 1
+            pa, pb = info["prompt_steps"]
+            prompt_ep = data.episode(info["prompt_row"])
+            ends += pb == len(prompt_ep)
+            prompt = tokenize_episode(loader.tok, data, slice_episode(prompt_ep, pa, pb))
+            n_prompt = len(prompt)
+            assert n_prompt <= 128
+            np.testing.assert_array_equal(seq.tokens[:n_prompt], prompt.tokens)
+        np.testing.assert_array_equal(seq.tokens[n_prompt:n_prompt + len(window)], window.tokens)
+        assert (seq.kinds[n_prompt + len(window):] == Kind.PAD).all()
+    # ~300 prompted sequences: sd of the share ~0.03; a uniform window reaches the end of
+    # an episode with probability < 1/100 here, and the old double draw gave ~0.25
+    assert prompted > 200
+    assert abs(ends / prompted - 0.5) < 0.1, (ends, prompted)
 
 
 def test_loader_splits_and_errors(suite):

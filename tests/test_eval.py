@@ -34,7 +34,7 @@ def trained(tmp_path_factory):
             workers=1, progress=False)
     cfg = {"model": {"preset": "configs/model/tiny-moe.yaml", "context_length": 256,
                      "num_layers": 2},
-           "data": {"data_dir": str(root / "suite"), "context_len": 256,
+           "data": {"data_dir": str(root / "suite"),
                     "tasks": {t: 1.0 for t in TRAIN_TASKS}},
            "batch_size": 4, "micro_batch_size": 4, "steps": 6, "seed": 3,
            "optim": {"lr": 3e-3, "warmup_steps": 2}, "log_every": 1, "eval_every": 6,

@@ -237,8 +237,9 @@ def test_cli_errors_are_one_line_for_a_changed_model_and_a_training_stop(tmp_pat
 # ------------------------------------------------------------ 7. contexts without targets
 def test_a_context_shorter_than_one_timestep_is_refused(tmp_path, tiny_suite):
     path = write_config(tmp_path, tiny_suite)
-    cfg = load_train_config(path, ["model.context_length=16", "data.context_len=16"])
-    with pytest.raises(ValueError, match=r"data.context_len \(16\) cannot hold one timestep of "
+    cfg = load_train_config(path, ["model.context_length=16"])
+    with pytest.raises(ValueError, match=r"the context \(16, model.context_length\) cannot hold "
+                                         r"one timestep of "
                                          r"babyai/BabyAI-GoToLocal-v0"):
         Trainer(cfg, tmp_path / "run")
 

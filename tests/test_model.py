@@ -71,7 +71,8 @@ def test_presets_load(path):
 
 
 @pytest.mark.parametrize("overrides", [(), ("tie_embeddings=false", "moe.shared_expert=true",
-                                            "moe.moe_every=2", "moe.experts_per_group={image: 2}")])
+                                            "moe.moe_every=2", "moe.experts_per_group={image: 2}"),
+                                       ("value_embedding=smooth",)])
 def test_param_breakdown_matches_module(overrides):
     cfg = tiny("tiny-moe", *overrides)
     model = build_model(cfg)
@@ -249,10 +250,39 @@ def test_bias_balancing_moves_toward_underloaded():
     (["text_vocab_size=100"], "text_vocab_size"),
     (["d_model=0"], "d_model"),
     (["moe.bogus=1"], "bogus"),
+    (["value_embedding=fourier"], "value_embedding"),
+    (["value_features=3"], "value_features"),
 ])
 def test_bad_configs_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny("tiny-moe", *overrides)
+
+
+def test_smooth_value_embedding_shares_between_neighbouring_bins():
+    """``value_embedding=smooth``: continuous bins start as a smooth function of the bin
+    index (neighbours alike, far bins not), a gradient on one bin moves every bin through
+    the shared basis, the tied head scores with the same rows, and the rest of the table
+    is Gato's."""
+    cfg = tiny("tiny-dense", "value_embedding=smooth", "num_layers=1")
+    model = build_model(cfg)
+    lo = cfg.layout.continuous_start
+    bins = model.embed.weight()[lo:lo + cfg.num_bins].detach()
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(bins[:-1], bins[1:]).mean() > 0.9
+    assert cos(bins[:256], bins[-256:]).abs().mean() < 0.3
+    assert (model.embed.tokens.weight[lo:lo + cfg.num_bins] == 0).all()
+    assert torch.equal(model.embed.weight()[:lo], model.embed.tokens.weight[:lo])
+    # one continuous observation token: the basis gets a gradient, and through it every bin
+    batch = make_batch(cfg, batch=1, length=40)
+    model(batch).loss.backward()
+    assert model.embed.value_basis.grad.abs().sum() > 0
+    table = tiny("tiny-dense", "num_layers=1")
+    assert build_model(table).embed.value_basis is None and table.value_embedding == "table"
+    # the head scores continuous actions with the smooth rows (tied embeddings)
+    out = model(batch, compute_loss=False, last_only=True, id_range=(lo, lo + cfg.num_bins))
+    model.embed.value_basis.data.zero_()
+    out0 = model(batch, compute_loss=False, last_only=True, id_range=(lo, lo + cfg.num_bins))
+    assert not torch.allclose(out.logits, out0.logits)
 
 
 def test_checkpoint_roundtrip_and_bad_files(tmp_path):

@@ -306,6 +306,61 @@ def test_windows_start_on_timestep_boundaries_and_pad(tok):
     assert (short.tokens[24:] == tok.layout.pad_id).all()
 
 
+def _whole_timesteps(s) -> bool:
+    """Every timestep run of ``s`` (pads aside) starts with an observation at local
+    position 0 and ends with an action: no timestep is cut."""
+    real = s.kinds != Kind.PAD
+    ts, kinds = s.timestep[real], s.kinds[real]
+    cuts = np.flatnonzero(np.diff(ts) != 0) + 1
+    firsts, lasts = np.concatenate([[0], cuts]), np.concatenate([cuts - 1, [len(ts) - 1]])
+    obs = (Kind.DISCRETE_OBS, Kind.CONTINUOUS_OBS, Kind.TEXT, Kind.IMAGE)
+    acts = (Kind.DISCRETE_ACTION, Kind.CONTINUOUS_ACTION)
+    return bool(np.isin(kinds[firsts], obs).all() and (s.local_pos[real][firsts] == 0).all()
+                and np.isin(kinds[lasts], acts).all())
+
+
+def test_long_timesteps_are_never_cut(tok):
+    """A 171-token timestep (BabyAI's size) at context 256: a prompt of half the context
+    cannot hold one, so the sequence is not prompted; no sequence is without targets."""
+    long_ep = tok.tokenize_episode({"v": np.full((30, 169), 3, np.int64)}, np.arange(30) % 5,
+                                   action_kind="discrete")
+    assert len(long_ep) == 30 * 171
+    rng = np.random.default_rng(0)
+    for mode in ("draw", "end", "uniform"):
+        for _ in range(100):
+            info = {}
+            s = make_training_sequence(long_ep, [long_ep], rng, context_len=256, prompt_prob=1.0,
+                                       layout=tok.layout, prompt_mode=mode, info=info)
+            assert info["prompt_mode"] is None and info["prompt_span"] == (0, 0)
+            assert s.loss_mask.sum() == 1 and _whole_timesteps(s)
+    # at 512 the prompt holds one whole timestep and the window the next two
+    for mode in ("end", "uniform"):
+        info = {}
+        s = make_training_sequence(long_ep, [long_ep], rng, context_len=512, layout=tok.layout,
+                                   prompt_mode=mode, info=info)
+        assert info["prompt_mode"] == mode and np.diff(info["prompt_span"])[0] == 171
+        assert np.diff(info["episode_span"])[0] == 171 and _whole_timesteps(s)
+        if mode == "end":
+            assert info["prompt_span"] == (29 * 171, 30 * 171)
+    with pytest.raises(ValueError, match="171 tokens does not fit the context of 128"):
+        make_training_sequence(long_ep, [], rng, context_len=128, layout=tok.layout)
+    with pytest.raises(ValueError, match="prompt_mode"):
+        make_training_sequence(long_ep, [], rng, context_len=512, prompt_mode="start")
+
+
+def test_windows_are_whole_timesteps(tok):
+    ep = _episode(tok, 3, T=100)  # 12-token timesteps: windows of 120 out of 128
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        info = {}
+        s = make_training_sequence(ep, [ep], rng, context_len=128, prompt_prob=0.5,
+                                   layout=tok.layout, info=info)
+        assert _whole_timesteps(s)
+        a, b = info["episode_span"]
+        assert a % 12 == 0 and b % 12 == 0 and b > a
+        assert (s.kinds[-8:] == Kind.PAD).all()  # 120 or 60 + 60 positions of timesteps
+
+
 def test_pack_sequences_and_collate(tok):
     seqs = [_episode(tok, 1, T=3), _episode(tok, 2, T=5), _episode(tok, 4, T=30)]
     packed = pack_sequences(seqs, context_len=128, layout=tok.layout)

@@ -28,7 +28,7 @@ TASKS = {"babyai/BabyAI-GoToLocal-v0": 2.0, "classic/Pendulum-v1": 1.0, "vl/digi
 def write_config(tmp_path: Path, suite: Path, **top) -> Path:
     cfg = {
         "model": {"preset": "configs/model/tiny-moe.yaml", "context_length": 256, "num_layers": 2},
-        "data": {"data_dir": str(suite), "context_len": 256, "tasks": TASKS},
+        "data": {"data_dir": str(suite), "tasks": TASKS},
         "batch_size": 4, "micro_batch_size": 2, "steps": 6,
         "optim": {"lr": 3e-3, "warmup_steps": 2},
         "log_every": 1, "eval_every": 3, "eval_sequences": 2, "checkpoint_every": 2,
@@ -67,6 +67,13 @@ def test_token_budget_sets_steps_and_bad_keys_are_named(tmp_path, tiny_suite):
     path = write_config(tmp_path, tiny_suite)
     cfg = load_train_config(path, ["tokens=5000"])
     assert cfg.num_steps == math.ceil(5000 / (4 * 256))
+    # the context is set once, by the model; the mixture follows it
+    assert cfg.data.context_len == cfg.model.context_length == 256
+    assert load_train_config(path, ["model.context_length=128"]).data.context_len == 128
+    assert load_train_config(path, ["data.context_len=256"]).data.context_len == 256
+    with pytest.raises(ValueError, match=r"data.context_len \(512\) differs from "
+                                         r"model.context_length \(256\)"):
+        load_train_config(path, ["data.context_len=512"])
     with pytest.raises(ValueError, match="unknown config key optim.learning_rate"):
         load_train_config(path, ["optim.learning_rate=1"])
     with pytest.raises(ValueError, match="batch_size: expected an integer"):

@@ -2,6 +2,7 @@
 
     moe-gato collect --suite default --out data/
     moe-gato collect --suite default --out data/ --tasks classic/CartPole-v1,atari/Pong --episodes 5
+    moe-gato collect --config configs/collect/default.yaml --out data/
     moe-gato collect --suite default --out data/ --overwrite
     moe-gato collect --list
 
@@ -15,19 +16,45 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/collect/default.yaml"
+
+
+def collect_options(config: str | None, suite: str | None = None, episodes: int | None = None,
+                    seed: int | None = None) -> dict:
+    """``collect`` keyword arguments from a collection config (``DEFAULT_CONFIG`` when
+    ``config`` is None and it exists) with the command line's values on top."""
+    from moe_gato.data.collect import load_collect_config
+
+    path = config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
+    opts = load_collect_config(path) if path else {"suite": "default", "seed": 0, "episodes": None}
+    if suite is not None:
+        opts["suite"] = suite
+    if episodes is not None:
+        opts["episodes"] = episodes
+    if seed is not None:
+        opts["seed"] = seed
+    return opts
 
 
 def add_collect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", default="default", help="suite of tasks (default: default)")
+    parser.add_argument("--config", default=None,
+                        help="collection config (suite, seed, episodes per task); default: "
+                             f"{DEFAULT_CONFIG} when it exists, else the registry's counts")
+    parser.add_argument("--suite", default=None, help="suite of tasks (default: the config's, "
+                                                       "else default)")
     parser.add_argument("--out", default="data", help="output directory (default: data)")
     parser.add_argument("--tasks", default=None,
                         help="comma-separated task names (domain/env-id); default: the whole suite")
     parser.add_argument("--episodes", type=int, default=None,
-                        help="rows stored per task (default: the suite's count per task)")
+                        help="rows stored per task, for every task (default: the config's "
+                             "count per task)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace task folders that exist (otherwise finished ones are kept)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
-    parser.add_argument("--seed", type=int, default=0, help="base seed of the episodes")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="base seed of the episodes (default: the config's, else 0)")
     parser.add_argument("--list", action="store_true", help="list the suite's tasks and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -44,14 +71,18 @@ def run_collect(args: argparse.Namespace) -> int:
         if names is not None and not names:
             raise ValueError(f"--tasks {args.tasks!r} names no task; leave it out to collect "
                              f"the whole suite")
-        specs = resolve_tasks(args.suite, names)
+        opts = collect_options(args.config, args.suite, args.episodes, args.seed)
+        specs = resolve_tasks(opts["suite"], names)
         if args.list:
             for s in specs:
-                print(f"{s.name:40s} {s.kind:8s} rows={s.episodes}" + ("  held-out" if s.held_out else ""))
+                rows = (opts["episodes"].get(s.name, s.episodes)
+                        if isinstance(opts["episodes"], dict) else opts["episodes"] or s.episodes)
+                print(f"{s.name:40s} {s.kind:8s} rows={rows}" + ("  held-out" if s.held_out else ""))
             return 0
         start = time.perf_counter()
-        manifest = collect(args.suite, args.out, tasks=names, episodes=args.episodes,
-                           overwrite=args.overwrite, workers=args.workers, seed=args.seed,
+        suite = opts.pop("suite")
+        manifest = collect(suite, args.out, tasks=names, **opts,
+                           overwrite=args.overwrite, workers=args.workers,
                            progress=not args.no_progress)
     except (ValueError, DataError) as exc:
         print(f"moe-gato collect: error: {exc}", file=sys.stderr)

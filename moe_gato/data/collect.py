@@ -26,6 +26,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -34,8 +35,10 @@ from moe_gato.envs import (RETURN_EPISODES, TASKS, ExpertActor, RandomActor, Tas
                            make_control_task, resolve_tasks, run_episode)
 
 
-def _options(spec: TaskSpec, episodes: int | None, seed: int,
+def _options(spec: TaskSpec, episodes: int | Mapping[str, int] | None, seed: int,
              return_episodes: int = RETURN_EPISODES) -> dict:
+    if isinstance(episodes, Mapping):
+        episodes = episodes.get(spec.name)
     return {"episodes": int(episodes or spec.episodes), "seed": int(seed), "images": spec.images,
             "return_episodes": int(return_episodes)}
 
@@ -154,13 +157,53 @@ def _existing(spec: TaskSpec, out: Path, opts: dict) -> dict | None:
     return manifest_entry(data.meta)
 
 
+def check_episodes(episodes: int | Mapping[str, int] | None, suite: str = "default") -> None:
+    """``episodes`` is None, a count >= 1, or a mapping of the suite's tasks to counts >= 1."""
+    if episodes is None:
+        return
+    counts = episodes if isinstance(episodes, Mapping) else {"episodes": episodes}
+    if isinstance(episodes, Mapping):
+        resolve_tasks(suite, list(episodes))  # unknown task names are an error that lists them
+    for name, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"episodes of {name} must be an integer >= 1, got {n!r}")
+
+
+def load_collect_config(path: str | Path) -> dict:
+    """A collection config (``configs/collect/*.yaml``): ``suite``, ``seed`` and
+    ``episodes`` (task -> rows stored). Returns the keyword arguments of ``collect``."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"collection config {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    allowed = {"suite", "seed", "episodes", "return_episodes"}
+    if not isinstance(raw, dict) or set(raw) - allowed:
+        extra = sorted(set(raw) - allowed) if isinstance(raw, dict) else raw
+        raise ValueError(f"{path}: unknown key(s) {extra}; allowed: {sorted(allowed)}")
+    out = {"suite": raw.get("suite", "default"), "seed": int(raw.get("seed", 0)),
+           "episodes": raw.get("episodes") or None,
+           "return_episodes": int(raw.get("return_episodes", RETURN_EPISODES))}
+    if out["episodes"] is not None and not isinstance(out["episodes"], dict):
+        raise ValueError(f"{path}: episodes must map task names to counts, got "
+                         f"{out['episodes']!r}")
+    try:
+        check_episodes(out["episodes"], out["suite"])
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return out
+
+
 def collect(suite: str, out: str | Path, *, tasks: list[str] | None = None,
-            episodes: int | None = None, overwrite: bool = False, workers: int = 2,
+            episodes: int | Mapping[str, int] | None = None, overwrite: bool = False, workers: int = 2,
             seed: int = 0, progress: bool = True, return_episodes: int = RETURN_EPISODES) -> dict:
     """Collects ``tasks`` of ``suite`` (all by default) into ``out``; returns the manifest.
 
-    Control tasks store ``episodes`` expert episodes (default: the task's own count) and
-    measure expert and random returns over at least ``return_episodes`` episodes each."""
+    Control tasks store ``episodes`` expert episodes and measure expert and random returns
+    over at least ``return_episodes`` episodes each. ``episodes`` is one count for every
+    task, or a mapping task -> count (``load_collect_config``); a task it does not name
+    keeps the registry's count."""
     from tqdm import tqdm
 
     if not str(out).strip():
@@ -170,8 +213,7 @@ def collect(suite: str, out: str | Path, *, tasks: list[str] | None = None,
     specs = resolve_tasks(suite, tasks)
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    if episodes is not None and episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    check_episodes(episodes, suite)
     if return_episodes < 1:
         raise ValueError(f"return_episodes must be >= 1, got {return_episodes}")
     if workers < 1:

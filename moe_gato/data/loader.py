@@ -14,7 +14,8 @@ resuming costs nothing. Tokenized rows are kept in an LRU cache of ``cache_mb``.
 
 Episodes longer than ``CROP_CONTEXTS`` contexts (Atari games run ~20k steps) are cut in
 timesteps before tokenizing: a random span of about two contexts of the episode, and for
-the prompt either the other episode's end or a random span of it.
+the prompt either the other episode's end or a random span of it, by the prompt mode drawn
+once for the sequence. ``sequence(i, info)`` reports which rows and timesteps it used.
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ def split_rows(n: int, fraction: float, split: str) -> range:
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
     n_val = 0 if fraction == 0 or n < 2 else max(1, int(round(fraction * n)))
     return range(0, n - n_val) if split == "train" else range(n - n_val, n)
+
+
+def _steps(seq, span: tuple[int, int], first: int) -> tuple[int, int]:
+    """Stored-episode timesteps ``[a, b)`` held by positions ``span`` of ``seq`` (a
+    tokenized episode, or a crop of one that starts at stored timestep ``first``)."""
+    a, b = span
+    return first + int(seq.timestep[a]), first + int(seq.timestep[b - 1]) + 1
 
 
 class SequenceLoader:
@@ -156,37 +164,61 @@ class SequenceLoader:
 
         return collate([next(self) for _ in range(batch_size)])
 
-    def sequence(self, index: int):
-        """Training sequence number ``index`` (a pure function of seed, index and data)."""
-        from moe_gato.tokenizer import make_training_sequence
+    def sequence(self, index: int, info: dict | None = None):
+        """Training sequence number ``index`` (a pure function of seed, index and data).
 
+        ``info``, when given, receives what the sequence was made of: ``task``, ``row``
+        and for control tasks ``prompt_row``, ``prompt_mode`` (None, "end" or "uniform";
+        drawn once, and used both to crop a long prompt episode and to window it) and
+        ``prompt_steps`` / ``episode_steps``: the timesteps ``[a, b)`` of the stored
+        episodes that the prompt and the episode window hold."""
+        from moe_gato.tokenizer import draw_prompt_mode, make_training_sequence
+
+        info = {} if info is None else info
         rng = np.random.default_rng([self.seed, int(index)])
         name = self.names[int(rng.choice(len(self.names), p=self.probs))]
         data, rows = self.data[name], self.rows[name]
         L = self.cfg.context_len
+        info.update(task=name)
         if data.kind == "caption":
             return self._captions(name, data, rows, rng)
         row = rows[int(rng.integers(len(rows)))]
+        info.update(row=row)
         if data.kind == "text":
             doc = self._cached((name, row), lambda: self.tok.tokenize_text(data.text(row)))
             return make_training_sequence(doc, [], rng, context_len=L, prompt_prob=0.0,
                                           layout=self.tok.layout)
         other = rows[int(rng.integers(len(rows)))] if len(rows) > 1 else row
-        episode = self._episode(name, data, row, rng, "uniform")
-        prompt = self._episode(name, data, other, rng, "end" if rng.random() < 0.5 else "uniform")
-        return make_training_sequence(episode, [prompt], rng, context_len=L,
-                                      prompt_prob=self.cfg.prompt_prob, layout=self.tok.layout)
+        mode = draw_prompt_mode(rng, self.cfg.prompt_prob)
+        episode, first = self._episode(name, data, row, rng, "uniform")
+        prompts, p_first = [], 0
+        if mode is not None:
+            prompt, p_first = self._episode(name, data, other, rng, mode)
+            prompts = [prompt]
+        spans: dict = {}
+        seq = make_training_sequence(episode, prompts, rng, context_len=L,
+                                     layout=self.tok.layout, prompt_mode=mode,
+                                     max_prompt_fraction=self.cfg.prompt_share, info=spans)
+        info.update(prompt_row=other if spans["prompt_mode"] else None,
+                    prompt_mode=spans["prompt_mode"],
+                    prompt_steps=_steps(prompts[0], spans["prompt_span"], p_first)
+                    if spans["prompt_mode"] else None,
+                    episode_steps=_steps(episode, spans["episode_span"], first))
+        return seq
 
     def _episode(self, name: str, data: storage.TaskData, row: int, rng, mode: str):
+        """Row ``row`` tokenized, and the index of its first stored timestep: the whole
+        episode, or for one longer than ``CROP_CONTEXTS`` contexts a span of about two
+        contexts (its end for ``mode`` "end", else uniform)."""
         length = int(self.lengths[name][row])
         per_step = max(1.0, data.meta["tokens"] / max(1, data.meta["steps"]))
         if length * per_step <= CROP_CONTEXTS * self.cfg.context_len:
             return self._cached((name, row), lambda: tokenize_episode(
-                self.tok, data, data.episode(row)))
+                self.tok, data, data.episode(row))), 0
         span = min(length, int(math.ceil(2 * self.cfg.context_len / per_step)) + 1)
         start = length - span if mode == "end" else int(rng.integers(0, length - span + 1))
         ep = slice_episode(data.episode(row), start, start + span)
-        return tokenize_episode(self.tok, data, ep)
+        return tokenize_episode(self.tok, data, ep), start
 
     def _captions(self, name: str, data: storage.TaskData, rows: range, rng):
         from moe_gato.tokenizer import TokenSequence

@@ -22,6 +22,8 @@ class MixtureConfig:
     data_dir: str = "data"
     context_len: int = 1024
     prompt_prob: float = 0.25
+    #: a prompt takes at most this share of the context (whole timesteps)
+    prompt_share: float = 0.5
     validation_fraction: float = 0.1
     #: tokenized episodes kept in memory (LRU), in MiB
     cache_mb: int = 1024
@@ -32,6 +34,8 @@ class MixtureConfig:
             raise ValueError(f"context_len must be an integer >= 2, got {self.context_len}")
         if not 0.0 <= self.prompt_prob <= 1.0:
             raise ValueError(f"prompt_prob must lie in [0, 1], got {self.prompt_prob}")
+        if not 0.0 < self.prompt_share < 1.0:
+            raise ValueError(f"prompt_share must lie in (0, 1), got {self.prompt_share}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
         if self.cache_mb < 0:

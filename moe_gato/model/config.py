@@ -124,6 +124,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = True
+    #: continuous-value bins: "table" (Gato: one learned row per bin) or "smooth" (a
+    #: learned map of fixed Fourier features of the bin index added to the table, whose
+    #: bin rows start at zero, so that neighbouring values share their embedding)
+    value_embedding: Literal["table", "smooth"] = "table"
+    value_features: int = 32              # Fourier features of "smooth" (sin and cos pairs)
     # Gato embeddings
     max_local_positions: int = 1024       # observation / text positions 0..n-1
     position_bins: int = 128              # patch row / column bins
@@ -145,6 +150,12 @@ class ModelConfig:
         if self.patch_channels % self.patch_norm_groups:
             raise ValueError(f"patch_channels ({self.patch_channels}) must be divisible by "
                              f"patch_norm_groups ({self.patch_norm_groups})")
+        if self.value_embedding not in ("table", "smooth"):
+            raise ValueError(f"value_embedding must be 'table' or 'smooth', "
+                             f"got {self.value_embedding!r}")
+        if self.value_features < 2 or self.value_features % 2:
+            raise ValueError(f"value_features must be an even number >= 2, "
+                             f"got {self.value_features}")
         if self.ffn not in ("dense", "moe"):
             raise ValueError(f"ffn must be 'dense' or 'moe', got {self.ffn!r}")
         if self.ffn == "moe" and self.ffn_hidden % self.moe.granularity:

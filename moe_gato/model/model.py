@@ -43,9 +43,24 @@ class PatchEmbedding(nn.Module):
         return self.out(h_PC44.flatten(1))  # (P, D)
 
 
+def value_features(num_bins: int, n: int) -> torch.Tensor:
+    """(num_bins, n) Fourier features of the bin index: sin and cos of ``pi * f * x`` for
+    ``n / 2`` frequencies ``f`` from 1 to ``num_bins / 4`` (geometric), ``x`` the bin
+    centre in [0, 1]; scaled to unit mean square per row."""
+    x_B1 = ((torch.arange(num_bins, dtype=torch.float64) + 0.5) / num_bins)[:, None]
+    f_F = torch.logspace(0, math.log10(num_bins / 4), n // 2, dtype=torch.float64)
+    phase_BF = math.pi * x_B1 * f_F
+    return (torch.cat([phase_BF.sin(), phase_BF.cos()], 1) * math.sqrt(2 / n)).float()
+
+
 class GatoEmbedding(nn.Module):
     """Token table for every id; image positions take their patch embedding plus row and
-    column embeddings; every position adds its local position (shared one for actions)."""
+    column embeddings; every position adds its local position (shared one for actions).
+
+    ``value_embedding="smooth"``: the continuous-value bins' rows are the table's plus
+    ``value_features @ value_basis``, a learned map shared by all bins, so a bin seen
+    rarely still sits between its neighbours. With tied embeddings the output head uses
+    the same rows (``weight()``)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -56,6 +71,22 @@ class GatoEmbedding(nn.Module):
         self.cols = nn.Embedding(cfg.position_bins, cfg.d_model)
         self.local_pos = nn.Embedding(cfg.max_local_positions, cfg.d_model)
         self.action_pos_D = nn.Parameter(torch.zeros(cfg.d_model))
+        self.value_basis = None
+        if cfg.value_embedding == "smooth":
+            self.value_basis = nn.Parameter(torch.zeros(cfg.value_features, cfg.d_model))
+            self.register_buffer("value_features_BF",
+                                 value_features(cfg.num_bins, cfg.value_features),
+                                 persistent=False)
+
+    def weight(self) -> torch.Tensor:
+        """(V, D) rows of every token id, as the input embedding and a tied head use them."""
+        w_VD = self.tokens.weight
+        if self.value_basis is None:
+            return w_VD
+        lo = self.cfg.layout.continuous_start
+        hi = lo + self.cfg.num_bins
+        smooth_BD = self.value_features_BF.to(w_VD.dtype) @ self.value_basis
+        return torch.cat([w_VD[:lo], w_VD[lo:hi] + smooth_BD, w_VD[hi:]])
 
     def _bins(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """Interval [lo, hi) in [0, 1] -> bin: uniform within it at training, mean at eval."""
@@ -64,7 +95,7 @@ class GatoEmbedding(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         kinds_BL, local_pos_BL = batch["kinds"], batch["local_pos"]
-        x_BLD = self.tokens(batch["tokens"])
+        x_BLD = F.embedding(batch["tokens"], self.weight())
         is_image_BL = kinds_BL == Kind.IMAGE
         patches = batch.get("patches")
         # with gradients recorded the patch block runs even without images, so that the
@@ -164,6 +195,11 @@ class GatoModel(nn.Module):
         for block in self.blocks:
             if isinstance(block.ffn, ModalityRoutedMoE):
                 init_moe_(block.ffn, std, out_std)
+        if self.embed.value_basis is not None:  # the bins start as the smooth map alone
+            lo = self.cfg.layout.continuous_start
+            with torch.no_grad():
+                self.embed.tokens.weight[lo:lo + self.cfg.num_bins].zero_()
+            nn.init.normal_(self.embed.value_basis, std=std)
 
     def forward(self, batch: dict, *, cache: KVCache | None = None, compute_loss: bool = True,
                 last_only: bool = False, id_range: tuple[int, int] | None = None) -> ModelOutput:
@@ -193,7 +229,7 @@ class GatoModel(nn.Module):
         if last_only:
             x_BLD = x_BLD[:, -1:]
         x_BLD = self.norm(x_BLD)
-        weight_VD = self.embed.tokens.weight if self.head is None else self.head.weight
+        weight_VD = self.embed.weight() if self.head is None else self.head.weight
         if id_range is not None:
             weight_VD = weight_VD[id_range[0]:id_range[1]]
         logits_BLV = F.linear(x_BLD, weight_VD)

@@ -7,6 +7,9 @@ dotted overrides (``train.tokens=2000000``, ``model.moe.num_experts=8``,
 (``model: {preset: configs/model/tiny-moe.yaml, context_length: 256}``) or the whole
 model config inline; ``data`` likewise names or holds the mixture. Dotted overrides of
 ``model.*`` and ``data.*`` apply on top.
+
+The training context is set once, by ``model.context_length``: the mixture's
+``context_len`` is derived from it (a ``data.context_len`` that differs is an error).
 """
 
 from __future__ import annotations
@@ -164,4 +167,19 @@ def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str,
     data = apply_overrides(data, overrides)
     if "data" not in data:
         raise ValueError("the training config needs data: a mixture file or mapping")
+    _derive_context(data)
     return from_dict(TrainConfig, data)
+
+
+def _derive_context(data: dict) -> None:
+    """``data.context_len`` := ``model.context_length`` (the one source of the context)."""
+    model, mixture = data.get("model") or {}, data["data"]
+    if not isinstance(model, dict) or not isinstance(mixture, dict):
+        return  # from_dict reports the wrong type
+    context = model.get("context_length", ModelConfig.context_length)
+    given = mixture.get("context_len")
+    if given is not None and given != context:
+        raise ValueError(f"data.context_len ({given}) differs from model.context_length "
+                         f"({context}): the training context is set once, by "
+                         f"model.context_length; drop data.context_len")
+    mixture["context_len"] = context

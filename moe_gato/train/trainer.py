@@ -319,9 +319,9 @@ class Trainer:
         self.loader = SequenceLoader(cfg.data, split="train", seed=cfg.seed, data_dir=self.data_dir)
         for task, n in self.loader.max_timestep_tokens().items():
             if n > cfg.data.context_len:
-                raise ValueError(f"data.context_len ({cfg.data.context_len}) cannot hold one "
-                                 f"timestep of {task} ({n} tokens): nothing would be learned; "
-                                 f"set data.context_len and model.context_length to >= {n}")
+                raise ValueError(f"the context ({cfg.data.context_len}, model.context_length) "
+                                 f"cannot hold one timestep of {task} ({n} tokens): nothing "
+                                 f"would be learned; set model.context_length to >= {n}")
         self.step = 0
         self.tokens = 0
         self.peak_flops = cfg.peak_flops or measure_peak_flops(self.dist.device)

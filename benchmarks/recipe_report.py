@@ -1,0 +1,160 @@
+"""The recipe experiments of issue 10 as one table and one plot.
+
+    python benchmarks/recipe_report.py docs/recipe/experiments.yaml --out docs/recipe.md
+
+``experiments.yaml`` lists every run (none left out)::
+
+    experiments:
+      - name: r1-table                      # row label
+        change: "recipe mixture, context 576"  # what differs
+        run: runs/exp/r1-table              # training run (metrics.jsonl)
+        eval: runs/exp/r1-table-eval        # `moe-gato eval` output (eval.json)
+    curve:                                  # normalized score against training tokens
+      run: runs/recipe/tiny-moe
+      evals: [runs/recipe/eval-25, runs/recipe/eval-50, ...]
+
+Per run: tokens and training minutes (from metrics.jsonl: each logged interval's tokens
+over its tokens/s), the last validation loss per modality, and from eval.json the mean
+normalized score per domain over the tasks evaluated, the tasks at >= 50% / >= 80% of
+expert, and the 4 named tasks. Writes the markdown table (``--out``) and, with ``curve``,
+a PNG of mean normalized score per domain against tokens beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+MODALITIES = ("text", "discrete_action", "continuous_action")
+NAMED = ("classic/CartPole-v1", "classic/Acrobot-v1", "classic/MountainCar-v0",
+         "babyai/BabyAI-GoToRedBall-v0")
+DOMAINS = ("classic", "babyai", "metaworld", "atari")
+
+
+def read_metrics(run: Path) -> list[dict]:
+    text = (run / "metrics.jsonl").read_text()
+    return [json.loads(ln) for ln in text[:text.rfind("\n") + 1].splitlines() if ln.strip()]
+
+
+def train_summary(run: Path) -> dict:
+    rows = read_metrics(run)
+    train = [r for r in rows if "tokens_per_s" in r]
+    seconds, last = 0.0, 0
+    for r in train:
+        seconds += (r["tokens"] - last) / max(r["tokens_per_s"], 1e-9)
+        last = r["tokens"]
+    evals = [r for r in rows if "eval/loss" in r]
+    val = evals[-1] if evals else {}
+    return {"tokens": rows[-1]["tokens"] if rows else 0, "minutes": seconds / 60,
+            **{m: val.get(f"eval/loss/{m}") for m in MODALITIES}}
+
+
+def eval_summary(path: Path) -> dict:
+    d = json.loads((path / "eval.json").read_text())
+    tasks = {t: r for t, r in d["tasks"].items() if not r["held_out"]}
+    by_domain: dict[str, list[float]] = {}
+    for t, r in tasks.items():
+        by_domain.setdefault(r["domain"], []).append(r["normalized_score"])
+    held = {t: r["normalized_score"] for t, r in d["tasks"].items() if r["held_out"]}
+    scores = [r["normalized_score"] for r in tasks.values()]
+    return {"n": len(tasks), "episodes": min((r["episodes"] for r in tasks.values()), default=0),
+            "domains": {k: float(np.mean(v)) for k, v in by_domain.items()},
+            "mean": float(np.mean(scores)) if scores else None,
+            "at50": sum(s >= 0.5 for s in scores), "at80": sum(s >= 0.8 for s in scores),
+            "named": {t: (tasks[t]["normalized_score"], tasks[t]["normalized_ci95"])
+                      for t in NAMED if t in tasks},
+            "held_out": held}
+
+
+def _f(x, fmt="{:.2f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def table(experiments: list[dict], root: Path) -> str:
+    head = ("| run | change | tokens | train min | val loss text / disc. act / cont. act | "
+            + " | ".join(DOMAINS) + " | tasks evaluated | >= 50% | >= 80% | "
+            + " | ".join(t.split("/")[1].replace("BabyAI-", "").replace("-v0", "")
+                         .replace("-v1", "") for t in NAMED) + " | held out |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for e in experiments:
+        t = train_summary(root / e["run"])
+        ev = eval_summary(root / e["eval"]) if e.get("eval") else None
+        losses = " / ".join(_f(t[m]) for m in MODALITIES)
+        cells = [e["name"], e.get("change", ""), f"{t['tokens'] / 1e6:.2f}M",
+                 f"{t['minutes']:.1f}", losses]
+        if ev:
+            cells += [_f(ev["domains"].get(d)) for d in DOMAINS]
+            cells += [f"{ev['n']} x {ev['episodes']} ep", str(ev["at50"]), str(ev["at80"])]
+            cells += [f"{ev['named'][n][0]:.2f} ± {ev['named'][n][1]:.2f}" if n in ev["named"]
+                      else "—" for n in NAMED]
+            cells += [", ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in ev["held_out"].items())
+                      or "—"]
+        else:
+            cells += ["—"] * (len(DOMAINS) + 3 + len(NAMED) + 1)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curve_plot(curve: dict, root: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for ev in curve["evals"]:
+        d = json.loads((root / ev / "eval.json").read_text())
+        step_dir = Path(d["checkpoint"]).name
+        tokens = _tokens_at(root / curve["run"], int(step_dir.split("_")[-1]))
+        points.append((tokens, eval_summary(root / ev)))
+    points.sort(key=lambda p: p[0])
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    x = [p[0] / 1e6 for p in points]
+    for d in DOMAINS:
+        y = [p[1]["domains"].get(d) for p in points]
+        if any(v is not None for v in y):
+            ax.plot(x, y, "o-", label=d)
+    ax.plot(x, [p[1]["mean"] for p in points], "k--", lw=2, label="mean (training tasks)")
+    ax.axhline(0.8, color="grey", ls=":", lw=1)
+    ax.axhline(0.5, color="grey", ls=":", lw=1)
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("normalized score (0 random, 1 expert)")
+    ax.set_title(curve.get("title", "default recipe: score against training tokens"))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def _tokens_at(run: Path, step: int) -> int:
+    rows = [r for r in read_metrics(run) if r.get("step", -1) <= step and "tokens" in r]
+    return rows[-1]["tokens"] if rows else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiments", help="YAML listing the runs")
+    p.add_argument("--out", default="docs/recipe_table.md", help="markdown table to write")
+    p.add_argument("--root", default=".", help="folder the run paths are relative to")
+    args = p.parse_args(argv)
+    spec = yaml.safe_load(Path(args.experiments).read_text())
+    root, out = Path(args.root), Path(args.out)
+    text = table(spec["experiments"], root)
+    out.write_text(text + "\n")
+    print(text)
+    if spec.get("curve"):
+        png = out.with_suffix(".png")
+        curve_plot(spec["curve"], root, png)
+        print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
