@@ -126,6 +126,34 @@ def test_one_expert_top1_equals_dense_exactly():
     assert torch.equal(out_d.lm_loss, out_m.lm_loss)
 
 
+def test_fine_grained_experts_sum_like_their_dense_ffn():
+    """G = 2 experts of hidden F/2, both chosen with equal gates: the default gate scale
+    (= G) makes them one dense FFN of hidden F split in halves; plain renormalized gates
+    (routed_scale 1) gave half of it, the defect found in issue 10's MoE study."""
+    dense_cfg = tiny("tiny-dense", "ffn_hidden=512")
+    dense = build_model(dense_cfg).eval()
+    batch = make_batch(dense_cfg)
+    out = {}
+    for scale in ("null", "1.0"):
+        moe = build_model(tiny("tiny-moe", "moe.num_experts=2", "moe.granularity=2",
+                               "moe.top_k=1", f"moe.routed_scale={scale}",
+                               "moe.aux_loss_coef=0", "moe.z_loss_coef=0")).eval()
+        state = dense.state_dict()
+        for i, block in enumerate(moe.blocks):
+            w1, w2 = state[f"blocks.{i}.ffn.fc1.weight"], state[f"blocks.{i}.ffn.fc2.weight"]
+            for group in block.ffn.groups.values():
+                group.router_ED.data.zero_()  # equal router probabilities: gates 1/2 each
+                group.w1_EDF.data.copy_(w1.t().reshape(128, 2, 256).permute(1, 0, 2))
+                group.w2_EFD.data.copy_(w2.t().reshape(2, 256, 128))
+        moe.load_state_dict({k: v for k, v in state.items() if ".ffn." not in k}, strict=False)
+        with torch.no_grad():
+            out[scale] = moe(batch).logits
+    with torch.no_grad():
+        ref = dense(batch).logits
+    torch.testing.assert_close(out["null"], ref, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out["1.0"], ref, rtol=1e-3, atol=1e-3)
+
+
 def test_tokens_stay_in_their_group():
     cfg = tiny("tiny-moe", "moe.experts_per_group={image: 2, observation: 3}")
     model = build_model(cfg)
@@ -251,6 +279,7 @@ def test_bias_balancing_moves_toward_underloaded():
     (["d_model=0"], "d_model"),
     (["moe.bogus=1"], "bogus"),
     (["value_embedding=fourier"], "value_embedding"),
+    (["moe.routed_scale=0"], "routed_scale"),
     (["value_features=3"], "value_features"),
 ])
 def test_bad_configs_name_the_field(overrides, field):
@@ -295,6 +324,12 @@ def test_checkpoint_roundtrip_and_bad_files(tmp_path):
     assert loaded.cfg == cfg
     batch = make_batch(cfg)
     assert torch.equal(model(batch).logits, loaded(batch).logits)
+    # a checkpoint from before moe.routed_scale existed keeps the gates it was trained with
+    config = (tmp_path / "ck" / "config.yaml").read_text()
+    assert "routed_scale: null" in config
+    (tmp_path / "ck" / "config.yaml").write_text(config.replace("  routed_scale: null\n", ""))
+    legacy = load_checkpoint(tmp_path / "ck")
+    assert legacy.cfg.moe.routed_scale == 1.0 and cfg.moe.gate_scale == 2.0
     with pytest.raises(ValueError, match="no model.safetensors"):
         load_checkpoint(tmp_path / "missing")
     (tmp_path / "ck" / "config.yaml").write_text((tmp_path / "ck" / "config.yaml").read_text()

@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from moe_gato.config import load_config, save_config
-from moe_gato.model.config import ModelConfig
+from moe_gato.config import from_dict, load_yaml, save_config
+from moe_gato.model.config import ModelConfig, upgrade_saved
 
 WEIGHTS, CONFIG, CHECKSUMS = "model.safetensors", "config.yaml", "checksums.json"
 
@@ -94,7 +94,7 @@ def load_checkpoint(directory: str | Path, *, map_location: str | torch.device =
                           f"unverified", stacklevel=2)
         elif problem := checksum_problem(directory, [WEIGHTS, CONFIG]):
             raise ValueError(f"checkpoint {directory}: {problem}")
-    cfg = load_config(ModelConfig, directory / CONFIG)
+    cfg = from_dict(ModelConfig, upgrade_saved(load_yaml(directory / CONFIG)))
     try:
         state = load_file(str(directory / WEIGHTS), device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as exc:

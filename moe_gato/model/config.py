@@ -24,6 +24,7 @@ experts that exist per group.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from moe_gato.tokenizer.layout import Kind, VocabLayout
@@ -46,6 +47,10 @@ class MoEConfig:
     granularity: int = 1                  # G: expert hidden = ffn_hidden // G
     shared_expert: bool = False           # one always-on expert (hidden ffn_hidden // G) per group
     renormalize: bool = True              # gates of the chosen experts sum to one
+    #: factor on the chosen experts' gates; null = granularity G, so that G fine-grained
+    #: experts of hidden ffn_hidden / G add up like one dense FFN (with renormalized gates
+    #: summing to 1 they gave 1/G of it); 1.0 = plain renormalized gates
+    routed_scale: float | None = None
     moe_every: int = 1                    # layer i is MoE when (i + 1) % moe_every == 0
     aux_loss_coef: float = 0.01           # Switch load-balancing loss (0 disables)
     z_loss_coef: float = 0.001            # router z-loss (0 disables)
@@ -86,6 +91,10 @@ class MoEConfig:
                 raise ValueError(
                     f"top_k: top_k * granularity = {self.top_k * self.granularity} exceeds "
                     f"the {self.num_experts_of(name)} experts of group {name!r}")
+        if self.routed_scale is not None and not (math.isfinite(self.routed_scale)
+                                                  and self.routed_scale > 0):
+            raise ValueError(f"routed_scale must be a finite number > 0 or null (= granularity), "
+                             f"got {self.routed_scale}")
         for field in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
@@ -99,6 +108,10 @@ class MoEConfig:
 
     def num_experts_of(self, group: str) -> int:
         return self.experts_per_group.get(group, self.num_experts)
+
+    @property
+    def gate_scale(self) -> float:
+        return float(self.granularity if self.routed_scale is None else self.routed_scale)
 
     @property
     def experts_per_token(self) -> int:
@@ -187,3 +200,13 @@ class ModelConfig:
     @property
     def expert_hidden(self) -> int:
         return self.ffn_hidden // self.moe.granularity
+
+
+def upgrade_saved(model: dict) -> dict:
+    """A model config as saved by an earlier version, with the values it was trained
+    with where a key was added since: ``moe.routed_scale`` (missing: plain renormalized
+    gates, 1.0). Used when loading checkpoints and comparing a resumed run's config."""
+    moe = model.get("moe")
+    if model.get("ffn") == "moe" and isinstance(moe, dict) and "routed_scale" not in moe:
+        model = {**model, "moe": {**moe, "routed_scale": 1.0}}
+    return model

@@ -5,7 +5,8 @@ width, E experts of a group, K experts per token (top_k * granularity).
 
 Per group: router logits in fp32, softmax, top-K (optionally on probabilities plus a
 DeepSeek-V3 balancing bias that only steers selection), optional renormalisation of the
-chosen gates, dropless or capacity dispatch, optional shared expert. A token only ever
+chosen gates, times ``gate_scale`` (default the granularity G: G experts of hidden
+``ffn_hidden / G`` then sum like one dense FFN, as the dense twin's two halves do), dropless or capacity dispatch, optional shared expert. A token only ever
 reaches experts of its own group. Expert weights are stacked parameters ``w1_EDF`` /
 ``w2_EFD`` per group, so an expert-parallel wrapper can shard them along E.
 
@@ -178,7 +179,7 @@ class ModalityRoutedMoE(nn.Module):
             top_TK, cols_TK = logits_TC.topk(K, dim=-1)
         # renormalized gates p_k / sum_j p_j over the chosen = a softmax of their logits
         gates_TK = top_TK.softmax(dim=-1) if cfg.renormalize else probs_TC.gather(1, cols_TK)
-        gates_TK = gates_TK.to(x_TD.dtype)
+        gates_TK = (gates_TK * cfg.gate_scale).to(x_TD.dtype)
         routing = self._few_routing(group_T, present, first_col, logits_TC, cols_TK)
         w1s, w2s = [g.w1_EDF for g in groups], [g.w2_EFD for g in groups]
         if cfg.shared_expert:  # a group's shared expert is one more column, gate 1
@@ -223,6 +224,7 @@ class ModalityRoutedMoE(nn.Module):
         gates_tK = probs_tE.gather(1, expert_ids_tK)
         if cfg.renormalize:
             gates_tK = gates_tK / gates_tK.sum(dim=-1, keepdim=True)
+        gates_tK = gates_tK * cfg.gate_scale
         load_E = torch.bincount(expert_ids_tK.reshape(-1), minlength=E)
         if x_tD.shape[0]:
             # Switch: E * sum_e (fraction of slots to e) * (mean router probability of e)

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from moe_gato.config import deep_merge, save_config, to_dict
 from moe_gato.model import build_model
+from moe_gato.model.config import upgrade_saved
 from moe_gato.model.moe import ModalityRoutedMoE
 from moe_gato.tokenizer import KIND_NAMES, collate
 from moe_gato.tokenizer.layout import ACTION_KINDS
@@ -387,6 +388,8 @@ class Trainer:
         if not isinstance(saved, dict):
             raise ValueError(f"{saved_file} does not hold a config mapping; pass --overwrite "
                              f"to start over (the old run is moved aside)")
+        if isinstance(saved.get("model"), dict):
+            saved["model"] = upgrade_saved(saved["model"])
         changes = config_changes(saved, self.cfg)
         refused = {k: v for k, v in changes.items() if k not in CHANGEABLE_ON_RESUME}
         if refused:
