@@ -89,11 +89,13 @@ def test_one_loop_for_expert_random_and_policy(trained):
 # ------------------------------------------------------------------------ policy
 @pytest.mark.parametrize("name,steps", [("classic/CartPole-v1", 40), ("metaworld/reach-v3", 12),
                                         ("babyai/BabyAI-GoToLocal-v0", 5)])
-def test_cached_policy_equals_recompute_before_eviction(trained, name, steps):
+@pytest.mark.parametrize("past_actions", ["attend", "hide"])
+def test_cached_policy_equals_recompute_before_eviction(trained, name, steps, past_actions):
     actions = {}
     for use_cache in (True, False):
         # a context that holds every step: no eviction yet
         policy = Policy.from_checkpoint(trained / "run", use_cache=use_cache, context_length=1024)
+        policy.model.cfg.past_actions = past_actions  # same weights, other attention mask
         ep = run_episode(_env(name, steps), PolicyActor(policy), seed=11, record=False)
         actions[use_cache] = ep.actions
         if use_cache:

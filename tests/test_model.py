@@ -194,6 +194,50 @@ def test_kv_cache_matches_full_forward(name):
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def _control_batch(cfg, T=8, seed=0):
+    """A prompt episode then an episode (3 continuous obs, 2 continuous actions a step)."""
+    from moe_gato.tokenizer import GatoTokenizer
+
+    tok = GatoTokenizer()
+    rng = np.random.default_rng(seed)
+    eps = [tok.tokenize_episode({"s": rng.uniform(-1, 1, (n, 3))}, rng.uniform(-1, 1, (n, 2)),
+                                action_kind="continuous") for n in (3, T)]
+    return collate([TokenSequence.concat(eps).pad_to(6 * (T + 3) + 4, cfg.layout)] * 2)
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe"])
+def test_hidden_past_actions_mask_and_cache(name):
+    """``past_actions="hide"``: later timesteps never see earlier actions (editing them
+    changes nothing after), an action's next dimension still sees the first, the KV cache
+    fed in chunks gives the full forward's logits, and Gato's "attend" does see them."""
+    cfg = tiny(name, "past_actions=hide")
+    model = build_model(cfg).eval()
+    batch = _control_batch(cfg)
+    ts, kinds = batch["timestep"][0], batch["kinds"][0]
+    is_act = (kinds == Kind.CONTINUOUS_ACTION)
+    # positions of the episode's timestep 2 actions, and of everything from timestep 3 on
+    ep_start = 3 * 6
+    act2 = torch.nonzero(is_act & (ts == 2) & (torch.arange(len(ts)) >= ep_start)).squeeze(1)
+    later = (torch.arange(len(ts)) >= int(act2[-1]) + 1) & (kinds != Kind.PAD)
+    edited = {k: v.clone() for k, v in batch.items()}
+    edited["tokens"][:, act2] = cfg.layout.continuous_start + 7
+    with torch.no_grad():
+        base, moved = model(batch).logits, model(edited).logits
+        torch.testing.assert_close(base[:, later], moved[:, later], atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(base[:, act2[0]], moved[:, act2[0]])  # dim 1 sees dim 0
+        cache, pieces = model.new_cache(), []
+        cuts = [0, 11, 12, 13, 25, 26, 40, batch["tokens"].shape[1]]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            chunk = {k: v[:, a:b] for k, v in batch.items() if k != "patches"}
+            chunk["patches"] = batch["patches"]
+            pieces.append(model(chunk, cache=cache).logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), base, atol=1e-5, rtol=1e-5)
+    attend = build_model(tiny(name)).eval()
+    attend.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(attend(batch).logits[:, later], attend(edited).logits[:, later])
+
+
 def test_loss_masked_as_tokenizer_says_and_router_grads():
     cfg = tiny("tiny-moe")
     model = build_model(cfg)
@@ -280,6 +324,7 @@ def test_bias_balancing_moves_toward_underloaded():
     (["moe.bogus=1"], "bogus"),
     (["value_embedding=fourier"], "value_embedding"),
     (["moe.routed_scale=0"], "routed_scale"),
+    (["past_actions=never"], "past_actions"),
     (["value_features=3"], "value_features"),
 ])
 def test_bad_configs_name_the_field(overrides, field):

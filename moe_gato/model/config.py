@@ -142,6 +142,12 @@ class ModelConfig:
     #: bin rows start at zero, so that neighbouring values share their embedding)
     value_embedding: Literal["table", "smooth"] = "table"
     value_features: int = 32              # Fourier features of "smooth" (sin and cos pairs)
+    #: "attend" (Gato): every position attends to all earlier ones. "hide": action tokens
+    #: of earlier timesteps are hidden from later timesteps' positions (an action still
+    #: sees its own timestep's earlier action tokens), so the policy cannot predict an
+    #: action by copying the previous one (the copycat problem of behaviour cloning with
+    #: action history; de Haan et al. 2019, Wen et al. 2020)
+    past_actions: Literal["attend", "hide"] = "attend"
     # Gato embeddings
     max_local_positions: int = 1024       # observation / text positions 0..n-1
     position_bins: int = 128              # patch row / column bins
@@ -169,6 +175,8 @@ class ModelConfig:
         if self.value_features < 2 or self.value_features % 2:
             raise ValueError(f"value_features must be an even number >= 2, "
                              f"got {self.value_features}")
+        if self.past_actions not in ("attend", "hide"):
+            raise ValueError(f"past_actions must be 'attend' or 'hide', got {self.past_actions!r}")
         if self.ffn not in ("dense", "moe"):
             raise ValueError(f"ffn must be 'dense' or 'moe', got {self.ffn!r}")
         if self.ffn == "moe" and self.ffn_hidden % self.moe.granularity:

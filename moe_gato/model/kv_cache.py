@@ -32,14 +32,27 @@ class KVCache:
         self.slot_tag_C: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._pending = 0             # positions of the call in progress
+        # past_actions="hide": per slot its step number and whether it holds an action;
+        # per row the step and timestep label of its last written position
+        self.slot_step_BC: torch.Tensor | None = None
+        self.slot_action_BC: torch.Tensor | None = None
+        self.step_B: torch.Tensor | None = None
+        self.last_ts_B: torch.Tensor | None = None
 
     # --- the model calls these ----------------------------------------------------
-    def begin(self, valid_BL: torch.Tensor | None, B: int, L: int, device) -> None:
-        """Reserves slots ``[length, length + L)`` for a forward call of L positions."""
+    def begin(self, valid_BL: torch.Tensor | None, B: int, L: int, device, *,
+              timestep_BL: torch.Tensor | None = None,
+              is_action_BL: torch.Tensor | None = None) -> None:
+        """Reserves slots ``[length, length + L)`` for a forward call of L positions. With
+        ``timestep_BL`` and ``is_action_BL`` (a model with ``past_actions="hide"``), action
+        slots of earlier steps are hidden from this call's queries."""
         if self.valid_BC is None:
             cap = max(self.capacity, L)
             self.valid_BC = torch.zeros(B, cap, dtype=torch.bool, device=device)
             self.slot_tag_C = torch.full((cap,), -1, dtype=torch.long, device=device)
+            if timestep_BL is not None:
+                self.slot_step_BC = torch.zeros(B, cap, dtype=torch.long, device=device)
+                self.slot_action_BC = torch.zeros(B, cap, dtype=torch.bool, device=device)
         if self.valid_BC.shape[0] != B:
             raise ValueError(f"the cache holds {self.valid_BC.shape[0]} rows, this call has {B}")
         if self.length + L > self.valid_BC.shape[1]:
@@ -48,14 +61,29 @@ class KVCache:
         self.valid_BC[:, n:n + L] = True if valid_BL is None else valid_BL
         self.slot_tag_C[n:n + L] = -1
         self._pending = L
-        # a mask is needed once any written slot is invalid for some row
         S = n + L
-        if bool(self.valid_BC[:, :S].all()):
+        hidden_BLS = None
+        if timestep_BL is not None:
+            from moe_gato.model.model import step_ids
+
+            step_BL = step_ids(timestep_BL, self.step_B, self.last_ts_B)
+            self.slot_step_BC[:, n:S] = step_BL
+            self.slot_action_BC[:, n:S] = is_action_BL
+            self.step_B, self.last_ts_B = step_BL[:, -1], timestep_BL[:, -1]
+            hidden_BLS = (self.slot_action_BC[:, None, :S]
+                          & (self.slot_step_BC[:, None, :S] < step_BL[:, :, None]))
+            if not bool(hidden_BLS.any()):
+                hidden_BLS = None
+        # a mask is needed once any written slot is invalid for some row or hidden
+        if hidden_BLS is None and bool(self.valid_BC[:, :S].all()):
             self._mask = None
         else:  # query i (slot n + i) sees valid slots up to n + i, and always itself
             idx_S = torch.arange(S, device=device)
             causal_LS = idx_S[None, :] <= (n + torch.arange(L, device=device))[:, None]
-            self._mask = ((causal_LS[None] & self.valid_BC[:, None, :S])
+            see_BLS = causal_LS[None] & self.valid_BC[:, None, :S]
+            if hidden_BLS is not None:
+                see_BLS = see_BLS & ~hidden_BLS
+            self._mask = (see_BLS
                           | (idx_S[None, None, :] == (n + torch.arange(L, device=device))[None, :, None]))
             self._mask = self._mask[:, None]  # (B, 1, L, S)
 
@@ -106,6 +134,11 @@ class KVCache:
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keeps only batch rows ``rows`` (environments whose episode goes on)."""
         self.valid_BC = self.valid_BC.index_select(0, rows)
+        if self.slot_step_BC is not None:
+            self.slot_step_BC = self.slot_step_BC.index_select(0, rows)
+            self.slot_action_BC = self.slot_action_BC.index_select(0, rows)
+            self.step_B = self.step_B.index_select(0, rows)
+            self.last_ts_B = self.last_ts_B.index_select(0, rows)
         for i, k in enumerate(self.k):
             if k is not None:
                 self.k[i] = k.index_select(0, rows)
@@ -123,6 +156,12 @@ class KVCache:
         valid[:, :n] = self.valid_BC.index_select(1, keep_S)
         tag = torch.full((cap,), -1, dtype=torch.long, device=self.valid_BC.device)
         tag[:n] = self.slot_tag_C.index_select(0, keep_S)
+        if self.slot_step_BC is not None:
+            step = self.slot_step_BC.new_zeros(self.slot_step_BC.shape[0], cap)
+            step[:, :n] = self.slot_step_BC.index_select(1, keep_S)
+            action = self.slot_action_BC.new_zeros(self.slot_action_BC.shape[0], cap)
+            action[:, :n] = self.slot_action_BC.index_select(1, keep_S)
+            self.slot_step_BC, self.slot_action_BC = step, action
         for i, k in enumerate(self.k):
             if k is None:
                 continue

@@ -175,6 +175,18 @@ class ModelOutput:
     routing: list[dict[str, GroupRouting]] = dataclasses.field(default_factory=list)
 
 
+def step_ids(timestep_BL: torch.Tensor, first_B: torch.Tensor | None = None,
+             last_ts_B: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) monotone step numbers: +1 wherever the timestep label changes along a row
+    (a prompt's timesteps, then the episode's, then padding each count as new steps).
+    ``first_B`` / ``last_ts_B`` continue a row whose earlier positions ended at step
+    ``first_B`` with label ``last_ts_B`` (the KV cache's calls)."""
+    prev_BL = torch.cat([timestep_BL[:, :1] if last_ts_B is None else last_ts_B[:, None],
+                         timestep_BL[:, :-1]], dim=1)
+    steps_BL = (timestep_BL != prev_BL).long().cumsum(1)
+    return steps_BL if first_B is None else steps_BL + first_B[:, None]
+
+
 class GatoModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -211,13 +223,23 @@ class GatoModel(nn.Module):
         kinds_BL = batch["kinds"]
         B, L = kinds_BL.shape
         valid_BL, mask_B1LS = batch.get("valid"), None
+        hide = self.cfg.past_actions == "hide"
+        is_action_BL = torch.isin(kinds_BL, self._action_kinds(kinds_BL.device)) if hide else None
         if cache is not None:
-            cache.begin(valid_BL, B, L, kinds_BL.device)
-        elif valid_BL is not None and not bool(valid_BL.all()):
+            cache.begin(valid_BL, B, L, kinds_BL.device,
+                        timestep_BL=batch["timestep"] if hide else None, is_action_BL=is_action_BL)
+        elif hide or (valid_BL is not None and not bool(valid_BL.all())):
             idx_L = torch.arange(L, device=kinds_BL.device)
             causal_LL = idx_L[None, :] <= idx_L[:, None]
             eye_LL = idx_L[None, :] == idx_L[:, None]
-            mask_B1LS = ((causal_LL[None] & valid_BL[:, None, :]) | eye_LL[None])[:, None]
+            see_BLS = causal_LL[None].expand(B, L, L)
+            if valid_BL is not None:
+                see_BLS = see_BLS & valid_BL[:, None, :]
+            if hide:
+                step_BL = step_ids(batch["timestep"])
+                see_BLS = see_BLS & ~(is_action_BL[:, None, :]
+                                      & (step_BL[:, None, :] < step_BL[:, :, None]))
+            mask_B1LS = (see_BLS | eye_LL[None])[:, None]
         x_BLD = self.embed(batch)
         routing = []
         for block in self.blocks:
@@ -237,6 +259,10 @@ class GatoModel(nn.Module):
         if (compute_loss and cache is None and L > 1 and not last_only and id_range is None):
             self._losses(out, batch)
         return out
+
+    @staticmethod
+    def _action_kinds(device) -> torch.Tensor:
+        return torch.tensor([int(k) for k in ACTION_KINDS], device=device)
 
     def _losses(self, out: ModelOutput, batch: dict) -> None:
         logits_BLV = out.logits[:, :-1]
