@@ -9,6 +9,7 @@
         change: "recipe mixture, context 576"  # what differs
         run: runs/exp/r1-table              # training run (metrics.jsonl)
         eval: runs/exp/r1-table-eval        # `moe-gato eval` output (eval.json)
+    routing: {r3-groups: runs/exp/r3-groups}  # router entropy and load per group
     curve:                                  # normalized score against training tokens
       run: runs/recipe/tiny-moe
       evals: [runs/recipe/eval-25, runs/recipe/eval-50, ...]
@@ -82,8 +83,12 @@ def table(experiments: list[dict], root: Path) -> str:
                          .replace("-v1", "") for t in NAMED) + " | held out |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for e in experiments:
+        if not (root / e["run"] / "metrics.jsonl").is_file():
+            print(f"skipped {e['name']}: {root / e['run']} has no metrics.jsonl", file=sys.stderr)
+            continue
         t = train_summary(root / e["run"])
-        ev = eval_summary(root / e["eval"]) if e.get("eval") else None
+        done = e.get("eval") and (root / e["eval"] / "eval.json").is_file()
+        ev = eval_summary(root / e["eval"]) if done else None
         losses = " / ".join(_f(t[m]) for m in MODALITIES)
         cells = [e["name"], e.get("change", ""), f"{t['tokens'] / 1e6:.2f}M",
                  f"{t['minutes']:.1f}", losses]
@@ -97,6 +102,30 @@ def table(experiments: list[dict], root: Path) -> str:
         else:
             cells += ["—"] * (len(DOMAINS) + 3 + len(NAMED) + 1)
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def routing_table(runs: dict[str, Path], last: int = 50) -> str:
+    """Per MoE run and group: router entropy (normalized, mean over layers), the largest
+    expert load relative to uniform, and the least-used expert's share, averaged over the
+    last ``last`` logged steps."""
+    lines = ["| run | group | entropy (1 = uniform) | max load / uniform | least-used share |",
+             "|---|---|---:|---:|---:|"]
+    for name, run in runs.items():
+        rows = [r for r in read_metrics(run) if "tokens_per_s" in r][-last:]
+        names = sorted({k for r in rows for k in r if k.startswith("moe/")})
+
+        def mean(key):  # a group without tokens in a step logs nothing for it
+            return float(np.mean([r[key] for r in rows if key in r]))
+
+        keys = [k for k in names if k.endswith("/entropy")]
+        groups = sorted({k.split("/")[2] for k in keys})
+        for g in groups:
+            ent = [mean(k) for k in keys if k.split("/")[2] == g]
+            ml = [mean(k.replace("entropy", "max_load")) for k in keys if k.split("/")[2] == g]
+            loads = [mean(k) for k in names if k.split("/")[2] == g and "/load/" in k]
+            lines.append(f"| {name} | {g} | {np.mean(ent):.2f} | {np.mean(ml):.2f} | "
+                         f"{min(loads):.3f} |")
     return "\n".join(lines)
 
 
@@ -149,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     text = table(spec["experiments"], root)
     out.write_text(text + "\n")
     print(text)
+    if spec.get("routing"):
+        text = routing_table({k: root / v for k, v in spec["routing"].items()})
+        out.with_name(out.stem + "_routing.md").write_text(text + "\n")
+        print(text)
     if spec.get("curve"):
         png = out.with_suffix(".png")
         curve_plot(spec["curve"], root, png)

@@ -1,13 +1,15 @@
 """``moe-gato demo`` (the main job) and ``moe-gato tokenize``.
 
-    moe-gato demo                         # collect (or reuse) data/, train tiny-moe and its
-                                          # dense twin on the same tokens, compare them
+    moe-gato demo                         # collect (or reuse) data/, train the default agent
+                                          # (tiny-moe), score it in the environments
+    moe-gato demo --twin                  # also its dense twin on the same tokens, compared
     moe-gato demo --steps 100 --out runs/quick
     moe-gato tokenize --task babyai/BabyAI-GoToRedBall-v0 --seed 3
     moe-gato tokenize --task metaworld/reach-v3 --steps 2
 
-The demo writes ``<out>/loss_curves.png`` (training loss per modality against tokens, both
-models, with their evaluation losses) and ``<out>/summary.md`` (a short table).
+The demo writes ``<out>/tiny-moe`` (the run), ``<out>/eval/eval.{md,json,png}`` (normalized
+scores with intervals) and with ``--twin`` ``<out>/loss_curves.png`` (training loss per
+modality against tokens, both models) and ``<out>/summary.md``.
 """
 
 from __future__ import annotations
@@ -67,34 +69,58 @@ def run_tokenize(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- demo
+#: the tasks the demo's agent is scored on: the suite's classic control and the BabyAI levels
+#: the default recipe's targets name, plus the held-out BabyAI level (the full suite:
+#: ``moe-gato eval --checkpoint runs/demo/tiny-moe --out ...``, about 40 minutes here)
+DEMO_EVAL_TASKS = ("classic/CartPole-v1", "classic/Acrobot-v1", "classic/MountainCar-v0",
+                   "classic/Pendulum-v1", "classic/MountainCarContinuous-v0",
+                   "babyai/BabyAI-GoToRedBall-v0", "babyai/BabyAI-GoToLocal-v0",
+                   "babyai/BabyAI-GoToObj-v0")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data", help="suite folder (collected if missing)")
-    p.add_argument("--out", default="runs/demo", help="where the two runs and the plot go")
+    p.add_argument("--out", default="runs/demo", help="where the runs, evaluation and plots go")
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps per model (default: the train configs' own)")
+    p.add_argument("--episodes", type=int, default=20,
+                   help="rollouts per evaluated task (default 20)")
+    p.add_argument("--twin", action="store_true",
+                   help="also train the dense twin (tiny-dense) on the same tokens and plot "
+                        "both models' losses")
 
 
 def run(args: argparse.Namespace) -> int:
     from moe_gato.data.cli import collect_options
     from moe_gato.data.collect import collect
+    from moe_gato.eval.evaluate import EvalConfig, evaluate
     from moe_gato.train import load_train_config, train
 
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     out = Path(args.out)
-    print(f"[1/3] data: collecting the default suite into {args.data}/ (finished tasks are kept)")
-    opts = collect_options(None)  # configs/collect/default.yaml: episodes per task
+    names = ("tiny-moe", "tiny-dense") if args.twin else ("tiny-moe",)
+    total = 2 + len(names)
+    print(f"[1/{total}] data: collecting the default suite into {args.data}/ "
+          f"(configs/collect/default.yaml; finished tasks are kept)")
+    opts = collect_options(None)
     collect(opts.pop("suite"), args.data, **opts)
     runs = {}
-    for i, name in enumerate(("tiny-moe", "tiny-dense")):
-        print(f"[{2 + i}/3] training {name} -> {out / name}")
-        overrides = [f"steps={args.steps}"] if args.steps else []
+    for i, name in enumerate(names):
+        print(f"[{2 + i}/{total}] training {name} (configs/train/{name}.yaml) -> {out / name}")
+        overrides = [f"steps={args.steps}", "tokens=null"] if args.steps else []
         cfg = load_train_config(f"configs/train/{name}.yaml", overrides)
         train(cfg, out / name, data_dir=args.data)
         runs[name] = out / name
-    png, table = compare_runs(runs, out)
-    print(table)
-    print(f"wrote {png} and {out / 'summary.md'}")
+    print(f"[{total}/{total}] evaluating tiny-moe in the environments: {len(DEMO_EVAL_TASKS)} "
+          f"tasks x {args.episodes} rollouts -> {out / 'eval'}")
+    evaluate(out / "tiny-moe", data_dir=args.data, out=out / "eval",
+             tasks=list(DEMO_EVAL_TASKS), cfg=EvalConfig(episodes=args.episodes))
+    if args.twin:
+        png, table = compare_runs(runs, out)
+        print(table)
+        print(f"wrote {png} and {out / 'summary.md'}")
+    print(f"wrote {out / 'eval' / 'eval.md'}")
     return 0
 
 
