@@ -109,7 +109,7 @@ def routing_table(runs: dict[str, Path], last: int = 50) -> str:
     """Per MoE run and group: router entropy (normalized, mean over layers), the largest
     expert load relative to uniform, and the least-used expert's share, averaged over the
     last ``last`` logged steps."""
-    lines = ["| run | group | entropy (1 = uniform) | max load / uniform | least-used share |",
+    lines = ["| run | group | load entropy (1 = uniform) | max load / uniform | least-used share |",
              "|---|---|---:|---:|---:|"]
     for name, run in runs.items():
         rows = [r for r in read_metrics(run) if "tokens_per_s" in r][-last:]
@@ -148,7 +148,7 @@ def curve_plot(curve: dict, root: Path, png: Path) -> None:
         y = [p[1]["domains"].get(d) for p in points]
         if any(v is not None for v in y):
             ax.plot(x, y, "o-", label=d)
-    ax.plot(x, [p[1]["mean"] for p in points], "k--", lw=2, label="mean (training tasks)")
+    ax.plot(x, [p[1]["mean"] for p in points], "k--", lw=2, label="mean (tasks evaluated)")
     ax.axhline(0.8, color="grey", ls=":", lw=1)
     ax.axhline(0.5, color="grey", ls=":", lw=1)
     ax.set_xlabel("training tokens (M)")
