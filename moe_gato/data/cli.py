@@ -62,7 +62,7 @@ def add_collect_arguments(parser: argparse.ArgumentParser) -> None:
 def run_collect(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("MUJOCO_GL", "egl")
-    from moe_gato.data.collect import collect
+    from moe_gato.data.collect import collect, rows_stored
     from moe_gato.data.storage import DataError
     from moe_gato.envs.tasks import resolve_tasks
 
@@ -75,9 +75,8 @@ def run_collect(args: argparse.Namespace) -> int:
         specs = resolve_tasks(opts["suite"], names)
         if args.list:
             for s in specs:
-                rows = (opts["episodes"].get(s.name, s.episodes)
-                        if isinstance(opts["episodes"], dict) else opts["episodes"] or s.episodes)
-                print(f"{s.name:40s} {s.kind:8s} rows={rows}" + ("  held-out" if s.held_out else ""))
+                print(f"{s.name:40s} {s.kind:8s} rows={rows_stored(s, opts['episodes'])}"
+                      + ("  held-out" if s.held_out else ""))
             return 0
         start = time.perf_counter()
         suite = opts.pop("suite")

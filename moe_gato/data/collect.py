@@ -35,11 +35,17 @@ from moe_gato.envs import (RETURN_EPISODES, TASKS, ExpertActor, RandomActor, Tas
                            make_control_task, resolve_tasks, run_episode)
 
 
-def _options(spec: TaskSpec, episodes: int | Mapping[str, int] | None, seed: int,
-             return_episodes: int = RETURN_EPISODES) -> dict:
+def rows_stored(spec: TaskSpec, episodes: int | Mapping[str, int] | None) -> int:
+    """Rows a collection stores for ``spec``: ``episodes`` (one count, or a task -> count
+    mapping), else the registry's count."""
     if isinstance(episodes, Mapping):
         episodes = episodes.get(spec.name)
-    return {"episodes": int(episodes or spec.episodes), "seed": int(seed), "images": spec.images,
+    return int(episodes or spec.episodes)
+
+
+def _options(spec: TaskSpec, episodes: int | Mapping[str, int] | None, seed: int,
+             return_episodes: int = RETURN_EPISODES) -> dict:
+    return {"episodes": rows_stored(spec, episodes), "seed": int(seed), "images": spec.images,
             "return_episodes": int(return_episodes)}
 
 
@@ -161,9 +167,11 @@ def check_episodes(episodes: int | Mapping[str, int] | None, suite: str = "defau
     """``episodes`` is None, a count >= 1, or a mapping of the suite's tasks to counts >= 1."""
     if episodes is None:
         return
-    counts = episodes if isinstance(episodes, Mapping) else {"episodes": episodes}
     if isinstance(episodes, Mapping):
         resolve_tasks(suite, list(episodes))  # unknown task names are an error that lists them
+        counts = episodes
+    else:
+        counts = {"episodes": episodes}
     for name, n in counts.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"episodes of {name} must be an integer >= 1, got {n!r}")

@@ -10,6 +10,38 @@ from __future__ import annotations
 import torch
 
 
+def step_ids(timestep_BL: torch.Tensor, first_B: torch.Tensor | None = None,
+             last_ts_B: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) monotone step numbers: +1 wherever the timestep label changes along a row
+    (a prompt's timesteps, then the episode's, then padding each count as new steps).
+    ``first_B`` / ``last_ts_B`` continue a row whose earlier positions ended at step
+    ``first_B`` with label ``last_ts_B`` (the KV cache's calls)."""
+    prev_BL = torch.cat([timestep_BL[:, :1] if last_ts_B is None else last_ts_B[:, None],
+                         timestep_BL[:, :-1]], dim=1)
+    steps_BL = (timestep_BL != prev_BL).long().cumsum(1)
+    return steps_BL if first_B is None else steps_BL + first_B[:, None]
+
+
+def hidden_past_actions(is_action_BS: torch.Tensor, step_BS: torch.Tensor,
+                        step_BL: torch.Tensor) -> torch.Tensor:
+    """(B, L, S): key s holds an action of an earlier step than query l
+    (``past_actions="hide"``)."""
+    return is_action_BS[:, None, :] & (step_BS[:, None, :] < step_BL[:, :, None])
+
+
+def attention_mask(valid_BS: torch.Tensor, start: int, L: int,
+                   hidden_BLS: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, L, S) boolean mask of L queries at key positions ``start .. start + L - 1``:
+    each sees the valid, not hidden keys up to its own position, and always itself."""
+    S = valid_BS.shape[1]
+    idx_S = torch.arange(S, device=valid_BS.device)
+    pos_L = start + torch.arange(L, device=valid_BS.device)
+    see_BLS = (idx_S[None, :] <= pos_L[:, None])[None] & valid_BS[:, None, :]
+    if hidden_BLS is not None:
+        see_BLS = see_BLS & ~hidden_BLS
+    return (see_BLS | (idx_S[None, :] == pos_L[:, None])[None])[:, None]
+
+
 class KVCache:
     """Keys and values of every position seen so far, in preallocated slots.
 
@@ -64,28 +96,19 @@ class KVCache:
         S = n + L
         hidden_BLS = None
         if timestep_BL is not None:
-            from moe_gato.model.model import step_ids
-
             step_BL = step_ids(timestep_BL, self.step_B, self.last_ts_B)
             self.slot_step_BC[:, n:S] = step_BL
             self.slot_action_BC[:, n:S] = is_action_BL
             self.step_B, self.last_ts_B = step_BL[:, -1], timestep_BL[:, -1]
-            hidden_BLS = (self.slot_action_BC[:, None, :S]
-                          & (self.slot_step_BC[:, None, :S] < step_BL[:, :, None]))
+            hidden_BLS = hidden_past_actions(self.slot_action_BC[:, :S],
+                                             self.slot_step_BC[:, :S], step_BL)
             if not bool(hidden_BLS.any()):
                 hidden_BLS = None
         # a mask is needed once any written slot is invalid for some row or hidden
         if hidden_BLS is None and bool(self.valid_BC[:, :S].all()):
             self._mask = None
-        else:  # query i (slot n + i) sees valid slots up to n + i, and always itself
-            idx_S = torch.arange(S, device=device)
-            causal_LS = idx_S[None, :] <= (n + torch.arange(L, device=device))[:, None]
-            see_BLS = causal_LS[None] & self.valid_BC[:, None, :S]
-            if hidden_BLS is not None:
-                see_BLS = see_BLS & ~hidden_BLS
-            self._mask = (see_BLS
-                          | (idx_S[None, None, :] == (n + torch.arange(L, device=device))[None, :, None]))
-            self._mask = self._mask[:, None]  # (B, 1, L, S)
+        else:
+            self._mask = attention_mask(self.valid_BC[:, :S], n, L, hidden_BLS)
 
     def append(self, layer: int, k_BHLd: torch.Tensor, v_BHLd: torch.Tensor):
         B, H, L, Dh = k_BHLd.shape

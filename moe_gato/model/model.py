@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_gato.model.config import ModelConfig
-from moe_gato.model.kv_cache import KVCache
+from moe_gato.model.kv_cache import KVCache, attention_mask, hidden_past_actions, step_ids
 from moe_gato.model.moe import FeedForward, GroupRouting, ModalityRoutedMoE, init_moe_
 from moe_gato.tokenizer.layout import ACTION_KINDS, ACTION_LOCAL_POS, LOSS_KINDS, Kind
 
@@ -93,9 +93,10 @@ class GatoEmbedding(nn.Module):
         u = lo + torch.rand_like(lo) * (hi - lo) if self.training else (lo + hi) / 2
         return (u * self.cfg.position_bins).long().clamp(0, self.cfg.position_bins - 1)
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict, weight_VD: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight_VD``: ``weight()`` when the caller has it already."""
         kinds_BL, local_pos_BL = batch["kinds"], batch["local_pos"]
-        x_BLD = F.embedding(batch["tokens"], self.weight())
+        x_BLD = F.embedding(batch["tokens"], self.weight() if weight_VD is None else weight_VD)
         is_image_BL = kinds_BL == Kind.IMAGE
         patches = batch.get("patches")
         # with gradients recorded the patch block runs even without images, so that the
@@ -175,18 +176,6 @@ class ModelOutput:
     routing: list[dict[str, GroupRouting]] = dataclasses.field(default_factory=list)
 
 
-def step_ids(timestep_BL: torch.Tensor, first_B: torch.Tensor | None = None,
-             last_ts_B: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, L) monotone step numbers: +1 wherever the timestep label changes along a row
-    (a prompt's timesteps, then the episode's, then padding each count as new steps).
-    ``first_B`` / ``last_ts_B`` continue a row whose earlier positions ended at step
-    ``first_B`` with label ``last_ts_B`` (the KV cache's calls)."""
-    prev_BL = torch.cat([timestep_BL[:, :1] if last_ts_B is None else last_ts_B[:, None],
-                         timestep_BL[:, :-1]], dim=1)
-    steps_BL = (timestep_BL != prev_BL).long().cumsum(1)
-    return steps_BL if first_B is None else steps_BL + first_B[:, None]
-
-
 class GatoModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -229,18 +218,14 @@ class GatoModel(nn.Module):
             cache.begin(valid_BL, B, L, kinds_BL.device,
                         timestep_BL=batch["timestep"] if hide else None, is_action_BL=is_action_BL)
         elif hide or (valid_BL is not None and not bool(valid_BL.all())):
-            idx_L = torch.arange(L, device=kinds_BL.device)
-            causal_LL = idx_L[None, :] <= idx_L[:, None]
-            eye_LL = idx_L[None, :] == idx_L[:, None]
-            see_BLS = causal_LL[None].expand(B, L, L)
-            if valid_BL is not None:
-                see_BLS = see_BLS & valid_BL[:, None, :]
+            valid_BS = valid_BL if valid_BL is not None else kinds_BL.new_ones(B, L, dtype=torch.bool)
+            hidden_BLS = None
             if hide:
                 step_BL = step_ids(batch["timestep"])
-                see_BLS = see_BLS & ~(is_action_BL[:, None, :]
-                                      & (step_BL[:, None, :] < step_BL[:, :, None]))
-            mask_B1LS = (see_BLS | eye_LL[None])[:, None]
-        x_BLD = self.embed(batch)
+                hidden_BLS = hidden_past_actions(is_action_BL, step_BL, step_BL)
+            mask_B1LS = attention_mask(valid_BS, 0, L, hidden_BLS)
+        token_rows_VD = self.embed.weight()  # once: the input table and a tied head
+        x_BLD = self.embed(batch, token_rows_VD)
         routing = []
         for block in self.blocks:
             x_BLD, r = block(x_BLD, kinds_BL, cache, mask_B1LS)
@@ -251,7 +236,7 @@ class GatoModel(nn.Module):
         if last_only:
             x_BLD = x_BLD[:, -1:]
         x_BLD = self.norm(x_BLD)
-        weight_VD = self.embed.weight() if self.head is None else self.head.weight
+        weight_VD = token_rows_VD if self.head is None else self.head.weight
         if id_range is not None:
             weight_VD = weight_VD[id_range[0]:id_range[1]]
         logits_BLV = F.linear(x_BLD, weight_VD)
