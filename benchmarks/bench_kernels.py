@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     perm_df = perm_df[0] if isinstance(perm_df, list) else perm_df
     gemm_df = gemm_df[0] if isinstance(gemm_df, list) else gemm_df
 
-    lines = [f"\n## {datetime.date.today().isoformat()} — {device_name}\n",
+    lines = [f"\n## Dispatch kernels on a GPU, bf16 (bench_kernels.py)\n\n"
+             f"{datetime.datetime.now():%Y-%m-%d %H:%M} · {device_name}\n",
              f"bf16; peaks used: {hbm_gbs} GB/s HBM, {tc_tflops} TFLOP/s dense bf16. "
              "Permute + un-permute in GB/s, grouped GEMM (F = D) in TFLOP/s. "
              "PNGs: benchmarks/permute_unpermute_bf16.png, benchmarks/grouped_gemm_bf16.png.\n",

@@ -5,6 +5,7 @@ cache vs recompute; fits the latency model (benchmarks/latency_model.json).
     .venv/bin/python benchmarks/bench_latency.py --quick --no-save  # tiny presets, smoke test
     .venv/bin/python benchmarks/bench_latency.py --presets tiny-dense tiny-moe --steps 400
     .venv/bin/python benchmarks/bench_latency.py --layer   # one MoE layer: fast path vs not
+    python benchmarks/bench_latency.py --device cuda        # on a GPU (bf16 autocast)
 
 One step = ``Policy.act`` on one environment (``moe_gato.eval.latency``): the cache holds a
 full context (1024 tokens, rolling) of earlier steps; greedy decoding; random weights (the
@@ -17,7 +18,9 @@ processes hits all presets alike. Reported per preset: p50 and p99 over all its 
 and Hz, and the spread of the per-round p50s; MoE / dense ratios are the median over
 rounds of the paired per-round p50 ratio, with [min-max]. The cache / recompute speed-up
 uses the recompute policy (the whole window per decoded token, no cache) at a full context.
-The latency model is then fitted to every (preset, shape) p50 and written per device.
+The latency model is then fitted to every (preset, shape) p50 and written per device
+(``cpu-2core`` here; ``cuda-<card>``, e.g. ``cuda-nvidia-h100-80gb-hbm3``, with ``--device
+cuda``, where the step ends when its action is back on the host).
 
 OpenMP: torch's libgomp spins its threads at every parallel region; with 2 threads on 2
 cores that other processes also load, a region often waits for a descheduled thread
@@ -46,7 +49,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 PAIRS = [("tiny-moe", "tiny-dense"), ("gato-25m-moe", "gato-25m-dense"),
          ("gato-79m-moe", "gato-79m-dense")]
 RECOMPUTE = ["tiny-dense", "tiny-moe", "gato-25m-dense", "gato-25m-moe"]
-DEVICE = "cpu-2core"
+DEVICE = "cpu-2core"  # the latency model's key; main() renames it for --device cuda
+TORCH_DEVICE = "cpu"
+
+
+def device_key(name: str) -> str:
+    """``cuda-<card name>`` in lower case, runs of other characters as '-'."""
+    import re
+
+    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def build(preset: str):
@@ -55,7 +66,8 @@ def build(preset: str):
     from moe_gato.model import build_model, load_config
 
     torch.manual_seed(0)
-    return build_model(load_config(ROOT / "configs" / "model" / f"{preset}.yaml")).eval()
+    model = build_model(load_config(ROOT / "configs" / "model" / f"{preset}.yaml"))
+    return model.to(TORCH_DEVICE).eval()
 
 
 def time_interleaved(loops: dict, steps: int, rounds: int) -> dict[str, list[list[float]]]:
@@ -81,7 +93,7 @@ def measure_shape(shape: str, presets: list[str], models: dict, steps: int, roun
 
     loops = {}
     for p in presets:
-        loops[p] = ControlLoop(make_policy(models[p]), shape, seed=0)
+        loops[p] = ControlLoop(make_policy(models[p], device=TORCH_DEVICE), shape, seed=0)
         loops[p].fill(warmup)
     context = {p: loops[p].context_tokens() for p in presets}
     rounds_s = time_interleaved(loops, steps, rounds)
@@ -99,7 +111,8 @@ def measure_recompute(presets: list[str], models: dict, steps: int, warmup: int)
     loops = {}
     for p in presets:
         for mode in (True, False):
-            loop = ControlLoop(make_policy(models[p], use_cache=mode), "metaworld", seed=1)
+            loop = ControlLoop(make_policy(models[p], use_cache=mode, device=TORCH_DEVICE),
+                               "metaworld", seed=1)
             loop.fill(warmup)
             loops[(p, mode)] = loop
     times = {k: [] for k in loops}
@@ -144,8 +157,16 @@ def fit_and_save(models: dict, results: dict, path: Path, machine: str, load: st
     return data["devices"][DEVICE]
 
 
+def rate(coef: float, what: str, unit: str) -> str:
+    """``what / <rate> unit`` for a seconds-per-unit coefficient; a 0 fit says so."""
+    if coef <= 0:
+        return f"0 x {what} (fitted to 0)"
+    return f"{what} / {1 / coef / 1e9:.2f} {unit}"
+
+
 def report(results, rounds_s, pairs, recompute, model_fit, params, args, load, minutes) -> str:
-    lines = [f"fp32, batch 1, greedy; torch threads {args.threads}; "
+    precision = "bf16 autocast on CUDA" if TORCH_DEVICE == "cuda" else "fp32"
+    lines = [f"{DEVICE}: {precision}, batch 1, greedy; torch threads {args.threads}; "
              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; {args.rounds} interleaved "
              f"rounds; {args.steps} timed steps per preset and shape "
              f"({args.steps_79m} for the 79m pair) after filling the context; "
@@ -181,8 +202,7 @@ def report(results, rounds_s, pairs, recompute, model_fit, params, args, load, m
         lines += ["", f"Latency model ({DEVICE}, benchmarks/latency_model.json): seconds per "
                   f"step = {c['const'] * 1e3:.2f} ms + {c['layer_calls'] * 1e6:.1f} us x "
                   f"layer_calls + {c['moe_layer_calls'] * 1e6:.1f} us x moe_layer_calls + "
-                  f"bytes / {1 / max(c['bytes'], 1e-30) / 1e9:.2f} GB/s + "
-                  f"flops / {1 / max(c['flops'], 1e-30) / 1e9:.1f} GFLOP/s "
+                  f"{rate(c['bytes'], 'bytes', 'GB/s')} + {rate(c['flops'], 'flops', 'GFLOP/s')} "
                   f"(non-negative least squares on relative error over "
                   f"{len(errs)} points; |error| median {statistics.median(errs):.0%}, "
                   f"max {max(errs):.0%}). A coefficient fitted to 0 means that term "
@@ -273,6 +293,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the policies run (cuda: the latency model is saved as "
+                             "cuda-<card name>)")
     parser.add_argument("--recompute-steps", type=int, default=10,
                         help="steps per preset for cache vs recompute (0: skip)")
     parser.add_argument("--no-save", action="store_true", help="print only")
@@ -287,6 +310,11 @@ def main(argv=None) -> None:
     from common import append_results, machine
 
     torch.set_num_threads(args.threads)
+    global DEVICE, TORCH_DEVICE
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is visible")
+        DEVICE, TORCH_DEVICE = device_key(torch.cuda.get_device_name(0)), "cuda"
     if args.layer:
         body = bench_layer(args)
         print(body)

@@ -103,10 +103,11 @@ def test_training_logs_metrics_tensorboard_and_checkpoints(tmp_path, tiny_suite)
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for r in rows:
-        assert {"step", "tokens", "loss", "lr", "tokens_per_s", "grad_norm", "mfu"} <= set(r)
+        assert {"step", "tokens", "time", "loss", "lr", "tokens_per_s", "grad_norm", "mfu"} <= set(r)
         assert any(k.startswith("loss/") for k in r)
         assert any(k.startswith("moe/") and k.endswith("/entropy") for k in r)
     assert rows[-1]["tokens"] == 6 * 4 * 256
+    assert all(a["time"] <= b["time"] for a, b in zip(rows, rows[1:]))
     assert {"loss/text", "loss/discrete_action", "loss/continuous_action"} <= set().union(*rows)
     evals = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in evals] == [3, 6]
@@ -118,6 +119,34 @@ def test_training_logs_metrics_tensorboard_and_checkpoints(tmp_path, tiny_suite)
     names = [p.name for p in ckpt.list_checkpoints(run)]
     assert names == ["step_00000004", "step_00000006"]  # keep_last: 2
     assert ckpt.verify_checkpoint(run / "checkpoints" / "step_00000006") is None
+
+
+def test_data_workers_train_on_the_same_batches_and_resume(tmp_path, tiny_suite):
+    """Two worker processes build the micro-batches ahead: the losses equal the in-process
+    run's step for step, also when a run is stopped and resumed mid-way (the plan restarts
+    at the resumed step)."""
+    plain = Trainer(load_train_config(write_config(tmp_path, tiny_suite)), tmp_path / "plain")
+    plain.fit()
+    cfg = load_train_config(write_config(tmp_path, tiny_suite), ["data_workers=2"])
+    Trainer(cfg, tmp_path / "workers").fit()
+    first = [r["loss"] for r in read_metrics(tmp_path / "workers")]
+    import shutil
+
+    shutil.rmtree(tmp_path / "workers" / "checkpoints" / "step_00000006")  # back to step 4
+    resumed = Trainer(cfg, tmp_path / "workers")
+    resumed.fit()
+    assert resumed._prefetch is None  # the worker processes were stopped
+    want = [r["loss"] for r in read_metrics(tmp_path / "plain")]
+    got = [r["loss"] for r in read_metrics(tmp_path / "workers")]
+    assert len(got) == 6 and first == got
+    assert got == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match=r"data_workers must be >= 0 \(0: no worker processes\), got -1"):
+        load_train_config(write_config(tmp_path, tiny_suite), ["data_workers=-1"])
+    with pytest.raises(RuntimeError, match="begins at sequence 0, the trainer asked for 4"):
+        from moe_gato.data.prefetch import Prefetcher
+
+        Prefetcher(cfg.data, seed=0, data_dir=tiny_suite, size=2, starts=[0, 2],
+                   workers=1).take(4)
 
 
 def test_sigkill_at_a_random_step_then_resume_continues_exactly(tmp_path, tiny_suite):

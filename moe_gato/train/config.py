@@ -89,6 +89,9 @@ class TrainConfig:
     #: steps; used when ``tokens`` is null
     steps: int | None = 100
     expert_parallel_size: int = 1
+    #: processes building micro-batches ahead of the step (moe_gato.data.prefetch); 0 builds
+    #: them in the training process. The batches are the same either way.
+    data_workers: int = 0
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 1
@@ -106,6 +109,9 @@ class TrainConfig:
                       "eval_every", "checkpoint_every", "eval_sequences"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.data_workers < 0:
+            raise ValueError(f"data_workers must be >= 0 (0: no worker processes), "
+                             f"got {self.data_workers}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.peak_flops is not None and not (math.isfinite(self.peak_flops)

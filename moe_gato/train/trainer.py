@@ -54,7 +54,8 @@ class TrainingError(RuntimeError):
 #: last finite checkpoint
 CHANGEABLE_ON_RESUME = ("steps", "tokens", "optim.lr", "log_every", "eval_every", "eval_sequences",
                         "checkpoint_every", "keep_last", "device", "peak_flops",
-                        "micro_batch_size", "resume", "data.cache_mb", "data.data_dir")
+                        "micro_batch_size", "resume", "data.cache_mb", "data.data_dir",
+                        "data_workers")
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
 
 
@@ -278,7 +279,7 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
+            if k not in ("step", "time") and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, record["step"])
         self.tb.flush()
 
@@ -323,6 +324,7 @@ class Trainer:
                 raise ValueError(f"the context ({cfg.data.context_len}, model.context_length) "
                                  f"cannot hold one timestep of {task} ({n} tokens): nothing "
                                  f"would be learned; set model.context_length to >= {n}")
+        self._prefetch = None  # data workers' Prefetcher, made at the first micro-batch
         self.step = 0
         self.tokens = 0
         self.peak_flops = cfg.peak_flops or measure_peak_flops(self.dist.device)
@@ -350,10 +352,26 @@ class Trainer:
     # -------------------------------------------------------------- data
     def micro_batch(self, step: int, micro: int) -> dict:
         cfg, d = self.cfg, self.dist
-        b = cfg.micro_batch_size
-        start = step * cfg.batch_size + (micro * d.world + d.rank) * b
-        batch = collate([self.loader.sequence(i) for i in range(start, start + b)])
-        return {k: v.to(d.device) for k, v in batch.items()}
+        start = self._micro_start(step, micro)
+        if cfg.data_workers:
+            if self._prefetch is None:  # planned from the step the loop starts at (resume)
+                from moe_gato.data.prefetch import Prefetcher
+
+                plan = (self._micro_start(s, m) for s in range(step, cfg.num_steps)
+                        for m in range(self.accum))
+                self._prefetch = Prefetcher(
+                    cfg.data, seed=cfg.seed, data_dir=self.data_dir, size=cfg.micro_batch_size,
+                    starts=plan, workers=cfg.data_workers, pin_memory=d.device.type == "cuda")
+            batch = self._prefetch.take(start)
+        else:
+            batch = collate([self.loader.sequence(i)
+                             for i in range(start, start + cfg.micro_batch_size)])
+        return {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
+
+    def _micro_start(self, step: int, micro: int) -> int:
+        """First global sequence of micro-batch ``micro`` of ``step`` on this rank."""
+        cfg, d = self.cfg, self.dist
+        return step * cfg.batch_size + (micro * d.world + d.rank) * cfg.micro_batch_size
 
     # ------------------------------------------------------------ resume
     def prepare_run_dir(self) -> dict[str, list]:
@@ -523,7 +541,9 @@ class Trainer:
         self.step += 1
         self.tokens += cfg.tokens_per_step
         tps = cfg.tokens_per_step / max(elapsed, 1e-9)
-        record = {"step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr,
+        # time: when the step ended (Unix seconds), for wall time per step and per run
+        record = {"step": self.step, "tokens": self.tokens, "time": time.time(),
+                  "loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "aux_loss": float(sums[1]) / d.world,
                   "tokens_per_s": tps,
                   "mfu": self._module().mfu(tps / d.world, self.peak_flops,
@@ -638,6 +658,9 @@ class Trainer:
         finally:
             bar.close()
             log.close()
+            if self._prefetch is not None:
+                self._prefetch.close()
+                self._prefetch = None
         return last
 
 
