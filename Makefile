@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/moe-gato demo
 
 test: $(STAMP)
+	scripts/slurm_cluster.sh install   # Debian's slurmctld, slurmd, munge for the SLURM tests
 	$(VENV)/bin/python -m pytest -q -x tests
 
 bench: $(STAMP)

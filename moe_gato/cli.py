@@ -6,6 +6,9 @@
     moe-gato collect --suite default --out data/
     moe-gato train --config configs/train/tiny-moe.yaml --data data --out runs/tiny-moe
     moe-gato eval --checkpoint runs/demo/tiny-moe --tasks default --episodes 20 --out runs/demo/eval
+    moe-gato sweep --config configs/sweep/tiny.yaml
+    moe-gato fit --results runs/sweep/tiny/results.csv --out runs/sweep/tiny/fit
+    moe-gato plan --budget 1e21 --hardware 64xH100 --hz 20 --fit runs/sweep/tiny/fit/fit.json
     python -m moe_gato.cli --help
 
 Nothing runs at import time; subcommands import their modules when they run.
@@ -33,6 +36,12 @@ SUBCOMMANDS = {
              "roll a checkpoint out in the real environments and score it"),
     "bench-latency": ("moe_gato.eval.latency", "add_arguments", "run",
                       "time batch-1 control steps (p50 / p99, Hz) of a preset or checkpoint"),
+    "sweep": ("scaling.sweep", "add_arguments", "run",
+              "run an IsoFLOP sweep (local or SLURM launcher), then fit the scaling laws"),
+    "fit": ("scaling.fit_cli", "add_arguments", "run",
+            "fit Chinchilla-style and MoE scaling laws to a sweep's results table"),
+    "plan": ("scaling.plan", "add_arguments", "run",
+             "plan a run past this machine: the law's optimum for a budget, hardware and rate"),
 }
 
 

@@ -1,0 +1,123 @@
+"""After a sweep: the laws fitted to its results and the latency-constrained optimum.
+
+    moe-gato sweep --config configs/sweep/tiny.yaml        # runs this at the end
+    python -c "from scaling.report import fit_sweep; ..."  # on a finished sweep's rows
+
+Writes under ``<out>/fit/``: ``fit.json``, ``fit.md`` and the IsoFLOP / law / frontier PNGs
+(``scaling.fit_cli``, ``scaling.plots``), and ``optimum.json``, ``optimum.md`` and
+``latency_frontier.png``: for budgets from the sweep's smallest to 10^4 times its largest,
+the model of the sweep's family with the lowest predicted loss (free), the lowest among
+those whose predicted batch-1 control rate on ``fit.device`` meets ``fit.hz``
+(constrained), and the best dense model. The law used is the fitted one with the lowest
+held-out error (``scaling.fit.held_out_errors``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def pick_law(doc: dict) -> str:
+    """The fitted law with the lowest held-out RMSE of log L (ties: the first fitted)."""
+    fitted = [law for law, c in doc["laws"].items() if "skipped" not in c]
+    if not fitted:
+        raise ValueError("no law could be fitted to the sweep's results")
+    scored = [(doc["held_out"].get(law, {}).get("rmse_log"), law) for law in fitted]
+    scored = [(s, law) for s, law in scored if s is not None and math.isfinite(s)]
+    return min(scored)[1] if scored else fitted[0]
+
+
+def fit_sweep(cfg, rows: list[dict]) -> dict:
+    """Fits, the optimum and their plots for a sweep config and its results rows."""
+    from moe_gato.config import to_dict
+    from moe_gato.train import load_train_config
+    from scaling.fit import fit_table
+    from scaling.fit_cli import _finite, markdown
+    from scaling.optimum import candidates, frontier
+    from scaling.plots import plot_all
+
+    table = [r for r in rows if r["status"] == "done"]
+    out = Path(cfg.out) / "fit"
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"results": str(Path(cfg.out) / "results.csv"),
+           **fit_table(table, list(cfg.fit.laws), bootstrap=cfg.fit.bootstrap)}
+    (out / "fit.json").write_text(json.dumps(_finite(doc), indent=1) + "\n")
+    (out / "fit.md").write_text(markdown(doc) + "\n")
+    plot_all(table, doc, out)
+
+    law = pick_law(doc)
+    base = load_train_config(cfg.train, cfg.train_overrides)
+    context = cfg.context_length or base.model.context_length
+    head = cfg.family.head_dim
+    cands = candidates(cfg.family, to_dict(base.model), widths=range(head, 64 * head + 1, head),
+                       experts=cfg.experts, context=context, device=cfg.fit.device,
+                       shape=cfg.fit.shape)
+    lo, hi = min(cfg.budgets), max(cfg.budgets) * 1e4
+    budgets = np.logspace(math.log10(lo), math.log10(hi), 13)
+    front = frontier(law, doc["laws"][law], budgets, cands, hz=cfg.fit.hz)
+    optimum = {"law": law, "hz": cfg.fit.hz, "device": cfg.fit.device, "shape": cfg.fit.shape,
+               "context": context, "frontier": front}
+    (out / "optimum.json").write_text(json.dumps(_finite(optimum), indent=1) + "\n")
+    (out / "optimum.md").write_text(optimum_markdown(optimum) + "\n")
+    plot_latency_frontier(optimum, out / "latency_frontier.png")
+    print((out / "fit.md").read_text())
+    print((out / "optimum.md").read_text())
+    print(f"wrote {out}/fit.json, fit.md, optimum.json, optimum.md and the PNGs")
+    return {"fit": doc, "optimum": optimum}
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "none meets the rate | | | |"
+    return (f"{row['model']} | {row['N_active'] / 1e6:.2f}M, E {row['E']:g} | "
+            f"{row['D']:.3g} | {row['loss']:.3f} @ {row['hz']:.0f} Hz |")
+
+
+def optimum_markdown(opt: dict) -> str:
+    lines = [f"# Compute-optimal and latency-constrained models ({opt['law']} law)", "",
+             f"Control rate target: >= {opt['hz']:g} Hz, batch 1, on `{opt['device']}` "
+             f"({opt['shape']} observations, context {opt['context']}; predicted by "
+             f"benchmarks/latency_model.json). Budgets beyond the sweep's are extrapolations "
+             f"of the fitted law.", "",
+             "| C (FLOPs) | free optimum | N active, E | D | loss @ Hz | constrained optimum | "
+             "N active, E | D | loss @ Hz | best dense | N active, E | D | loss @ Hz |",
+             "|---" * 13 + "|"]
+    for f in opt["frontier"]:
+        lines.append(f"| {f['C']:.2e} | {_cell(f['free'])} {_cell(f['constrained'])} "
+                     f"{_cell(f['dense'])}")
+    return "\n".join(lines)
+
+
+def plot_latency_frontier(opt: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    C = [f["C"] for f in opt["frontier"]]
+    for key, label, style in (("free", "compute-optimal (any rate)", "-o"),
+                              ("constrained", f">= {opt['hz']:g} Hz", "-s"),
+                              ("dense", "dense only", "--^")):
+        pts = [(c, f[key]) for c, f in zip(C, opt["frontier"], strict=True) if f[key]]
+        if pts:
+            ax.plot([c for c, _ in pts], [r["loss"] for _, r in pts], style, label=label)
+            bx.plot([c for c, _ in pts], [r["hz"] for _, r in pts], style, label=label)
+    bx.axhline(opt["hz"], color="k", lw=0.8, ls=":")
+    for a in (ax, bx):
+        a.set_xscale("log")
+        a.set_xlabel("training compute C (FLOPs)")
+        a.grid(alpha=0.3)
+    bx.set_yscale("log")
+    ax.set_ylabel(f"predicted loss ({opt['law']} law)")
+    bx.set_ylabel(f"predicted control rate on {opt['device']} (Hz)")
+    ax.legend()
+    ax.set_title("optimal loss for a budget")
+    bx.set_title("control rate of the chosen model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
