@@ -1,0 +1,637 @@
+"""``moe-gato plan``: a training run past this machine, from a scaling law and a cost model.
+
+    moe-gato plan --budget 1e21 --hardware 64xH100 --hz 20
+    moe-gato plan --table 1e19,1e20,1e21,1e22,1e23 --hardware 64xH100 --hz 20
+    moe-gato plan --budget 1e21 --hardware 8xH200 --fit runs/sweep/tiny/fit/fit.json --law joint
+    moe-gato plan --budget 1e20 --hardware 64xH100 --hz 20 --mfu 0.3 --json plan.json
+
+    from scaling.plan import plan, plans
+    row = plan(1e21, "64xH100", hz=20)                    # Epoch's Chinchilla fit
+    rows = plans([1e19, 1e21], "64xH100", hz=20, fit_doc=json.load(open("fit.json")))
+
+The model. Candidates are members of the sweep's model family (``scaling.family``: width
+d_model, depth d_model / 32, FF 4 x d_model, on the family's base preset) for widths that
+are multiples of its head_dim from 2 heads to 8192 (``default_widths``: every multiple up to
+16 heads, then steps of at most 6.25%) and the expert choices ``EXPERT_GRID``: dense, and
+8, 16, 32 or 64 experts per modality group with k = 1 or 2 and granularity G = 1 or 2
+(the chinchilla law has no term for experts: with it, dense members only).
+For a budget C each trains on D = C / (training FLOPs per token) tokens
+(``moe_gato.model.accounting``, attention at the context included); the law predicts its loss
+(``scaling.optimum``). The plan takes the lowest predicted loss among candidates whose
+predicted batch-1 control rate on ONE device of the hardware's kind (the latency model of
+benchmarks/latency_model.json, ``moe_gato.eval.latency.predict_hz``) meets ``hz`` and that
+fit the hardware's memory in some layout.
+
+The layout: data parallelism over all devices, expert parallelism ``ep`` (a divisor of the
+experts per group and of the device count; ep devices hold disjoint experts, each expert is
+replicated over devices / ep), ZeRO stage s over data-parallel ranks (experts: over the
+devices / ep ranks that hold the same experts). No tensor or pipeline parallelism: each
+device holds the whole dense part. For each ep, the smallest stage whose memory per device
+fits ``(1 - headroom)`` of the device's memory at some micro-batch, with the largest
+micro-batch that fits; of those, the ep with the fastest step. Memory per device: bf16
+weights (2 bytes/param) + bf16 gradients (2, sharded from stage 2) + AdamW fp32 master
+weights and two moments (12, sharded from stage 1) + the activations one micro-batch saves
+for backward (``accounting.activation_bytes``: no recomputation). Stage 3 is not offered:
+the trainer does not run it (moe_gato/train/config.py), nor does DeepSpeed's MoE.
+
+Time: compute = tokens x FLOPs per token / (devices x peak x MFU), MFU stated (default 0.4).
+Expert-parallel all-to-all per step and device: per MoE layer 2 all-to-alls forward
+(dispatch, combine) and 2 backward, each of tokens per device x k G copies x d_model x 2
+bytes (bf16), the share (ep - 1) / ep under uniform routing leaving the device; the peers
+within the node go over NVLink, the rest over InfiniBand, the slower of the two sets the
+time; no overlap with compute (all of it is exposed). Data-parallel gradient reduction (ring:
+2 (n - 1) / n x bf16 gradients) is assumed to overlap the backward pass; only what exceeds
+the backward time (2/3 of compute) is added. Wall-clock = steps x (compute + all-to-all +
+that excess); GPU-hours = devices x wall-clock.
+
+Read the output as a sketch, not a forecast. A law fitted to this project's sweep was
+fitted on tiny CPU runs (about 1e12-1e13 FLOPs): at 1e19-1e23 FLOPs it extrapolates by
+seven to eleven orders of magnitude. Epoch AI's refit of Chinchilla (the default without
+``--fit``) is a text-LM law (MassiveText) for dense models: its losses are not this
+project's losses, and it has no term for experts. The latency model was fitted on presets
+up to 84M active parameters (gato-79m); larger models' rates are extrapolated. Hardware
+figures are vendor data-sheet numbers (``scaling.hardware``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from scaling.hardware import Hardware, parse_hardware
+
+if TYPE_CHECKING:
+    from moe_gato.model.config import ModelConfig
+    from scaling.family import FamilyConfig
+    from scaling.optimum import Candidate
+
+#: Epoch AI's refit of Chinchilla's approach 3 (Besiroglu et al. 2024, "Chinchilla Scaling: A
+#: replication attempt"): L = E + A / N^alpha + B / D^beta, dense text LMs
+EPOCH_CHINCHILLA = {"A": 482.01, "B": 2085.43, "E": 1.8172, "alpha": 0.3478, "beta": 0.3658}
+MFU = 0.4                 # model FLOPs utilisation assumed for the whole run
+HEADROOM = 0.2            # device memory kept free (CUDA context, buffers, fragmentation)
+GLOBAL_BATCH = 1024       # sequences per optimizer step (1M tokens at context 1024)
+CONTEXT = 1024            # Gato's context
+ZERO_STAGES = (1, 2)
+MAX_WIDTH = 8192
+LATENCY_FIT_MAX_ACTIVE = 84e6  # gato-79m's active parameters, the largest latency-model preset
+#: (experts, k, G): dense, then 8-64 experts per group, top-1 or top-2, granularity 1 or 2
+EXPERT_GRID = [(1, 1, 1)] + [(e, k, g) for e in (8, 16, 32, 64) for k in (1, 2) for g in (1, 2)]
+
+
+def default_experts() -> list:
+    from scaling.family import ExpertChoice
+
+    return [ExpertChoice(experts=e, k=k, G=g) for e, k, g in EXPERT_GRID]
+
+
+def default_widths(head_dim: int, max_width: int = MAX_WIDTH, step: float = 0.0625) -> list[int]:
+    """Multiples of head_dim from 2 heads to max_width: every one up to 16 heads, then the
+    next multiple at least ``step`` (relative) wider."""
+    if head_dim < 1 or max_width < 2 * head_dim:
+        raise ValueError(f"widths: need head_dim >= 1 and max_width >= 2 x head_dim, got "
+                         f"{head_dim}, {max_width}")
+    out, w = [], 2 * head_dim
+    while w <= max_width:
+        out.append(w)
+        w = w + head_dim if w < 16 * head_dim else math.ceil(w * (1 + step) / head_dim) * head_dim
+    return out
+
+
+# ------------------------------------------------------------------------------ the law
+
+
+def resolve_law(fit_doc: dict | None, law: str | None, coefs: dict | None
+                ) -> tuple[str, dict, str]:
+    """(law, coefficients, where they come from). ``coefs`` given: used as is; ``fit_doc``
+    (a fit.json): its ``law``, or the fitted law with a data term and the lowest held-out
+    error; neither: Epoch's Chinchilla fit."""
+    from scaling.fit import LAWS
+
+    if law is not None and law not in LAWS:
+        raise ValueError(f"law: unknown law {law!r}; choose from {', '.join(LAWS)}")
+    if law == "clark":
+        raise ValueError("law: clark has no data term (its loss falls with N at any budget), so "
+                         "it cannot trade N against D; choose chinchilla, krajewski or joint")
+    if coefs is not None:
+        if law is None:
+            raise ValueError("coefs given without law: name the law they belong to")
+        return law, _finite_coefs(law, coefs), "given coefficients"
+    if fit_doc is None:
+        if law not in (None, "chinchilla"):
+            raise ValueError(f"law {law!r} needs a fit.json (--fit); without one only Epoch's "
+                             f"Chinchilla fit (law chinchilla) is built in")
+        return "chinchilla", dict(EPOCH_CHINCHILLA), (
+            "Epoch AI's refit of Chinchilla (Besiroglu et al. 2024): a dense text-LM law, "
+            "not fitted on this project's data")
+    laws = fit_doc.get("laws")
+    if not isinstance(laws, dict):
+        raise ValueError("fit document has no 'laws' mapping (is it a moe-gato fit.json?)")
+    if law is None:
+        fitted = [name for name, c in laws.items() if "skipped" not in c and name != "clark"]
+        if not fitted:
+            raise ValueError(f"fit document: no law with a data term was fitted (laws: "
+                             f"{_law_states(laws)})")
+        held = fit_doc.get("held_out", {})
+        scored = [(held.get(name, {}).get("rmse_log"), name) for name in fitted]
+        scored = [(s, name) for s, name in scored if s is not None and math.isfinite(s)]
+        law = min(scored)[1] if scored else fitted[0]
+    if law not in laws:
+        raise ValueError(f"fit document has no law {law!r} (it has: {_law_states(laws)})")
+    if "skipped" in laws[law]:
+        raise ValueError(f"law {law!r} was not fitted: {laws[law]['skipped']}")
+    source = f"fitted to {fit_doc.get('results', 'a sweep')} (tiny CPU runs): an extrapolation"
+    return law, _finite_coefs(law, laws[law]), source
+
+
+def _law_states(laws: dict) -> str:
+    return ", ".join(f"{k} (skipped)" if "skipped" in v else k for k, v in laws.items()) or "none"
+
+
+def _finite_coefs(law: str, coefs: dict) -> dict:
+    from scaling.fit import REGISTRY
+
+    params = REGISTRY[law].params
+    bad = [k for k in params if not isinstance(coefs.get(k), (int, float))
+           or not math.isfinite(coefs[k])]
+    if bad:
+        raise ValueError(f"law {law!r}: coefficients {bad} are missing or not finite numbers")
+    out = {k: float(coefs[k]) for k in params}
+    if coefs.get("E_max") is not None:
+        out["E_max"] = float(coefs["E_max"])
+    return out
+
+
+# ---------------------------------------------------------------------- memory and layout
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class Layout:
+    data_parallel: int
+    expert_parallel: int
+    zero_stage: int
+    micro_batch: int          # sequences per forward on one device
+    grad_accum: int
+    memory: dict              # bytes per device: weights, grads, optimizer, activations, total
+    limit_bytes: float        # the memory it had to fit: (1 - headroom) x device memory
+
+    def trainer_overrides(self, global_batch: int) -> str:
+        """The trainer's dotted overrides that run this layout."""
+        batch = f"batch_size={global_batch} micro_batch_size={self.micro_batch}"
+        if self.expert_parallel == 1:
+            return (f"deepspeed.enabled=true deepspeed.zero_stage={self.zero_stage} {batch}")
+        return (f"expert_parallel_size={self.expert_parallel} {batch} (torchrun: the trainer "
+                f"does not combine expert parallelism with ZeRO yet; ZeRO-{self.zero_stage} "
+                f"with it needs DeepSpeed's MoE)")
+
+
+def split_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(dense, routed-expert) parameters: experts shard over expert-parallel ranks; routers
+    and shared experts are replicated like the dense part."""
+    from moe_gato.model.accounting import param_breakdown
+
+    b = param_breakdown(cfg)
+    expert = sum(v for k, v in b.items() if k.startswith("moe.") and k.endswith(".experts"))
+    return sum(b.values()) - expert, expert
+
+
+def memory_per_gpu(cfg: ModelConfig, hardware: Hardware, *, expert_parallel: int,
+                   zero_stage: int, micro_batch: int, seq_len: int) -> dict[str, int]:
+    """Bytes one device holds while training (see the module docstring)."""
+    from moe_gato.model.accounting import activation_bytes
+
+    if zero_stage not in (0, 1, 2):
+        raise ValueError(f"zero_stage must be 0, 1 or 2, got {zero_stage}")
+    P, ep = hardware.gpus, expert_parallel
+    if P % ep:
+        raise ValueError(f"expert_parallel ({ep}) must divide the {P} devices")
+    dense, expert = split_params(cfg)
+    if expert % ep:
+        raise ValueError(f"expert_parallel ({ep}) must divide the experts")
+    local_expert = expert // ep
+
+    def held(stage_from: int) -> int:  # params whose state is sharded from ``stage_from`` on
+        if zero_stage < stage_from:
+            return dense + local_expert
+        return -(-dense // P) + -(-local_expert // (P // ep))
+
+    out = {"weights": 2 * (dense + local_expert), "grads": 2 * held(2),
+           "optimizer": 12 * held(1),
+           "activations": activation_bytes(cfg, seq_len=seq_len, batch=micro_batch)}
+    out["total"] = sum(out.values())
+    return out
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# ------------------------------------------------------------------------ communication
+
+
+def all_to_all(cfg: ModelConfig, hardware: Hardware, *, expert_parallel: int,
+               tokens_per_gpu: float) -> dict[str, float]:
+    """Expert-parallel all-to-all bytes leaving one device per step, and their seconds."""
+    ep = expert_parallel
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    if ep == 1 or not moe_layers:
+        return {"bytes": 0.0, "intra_bytes": 0.0, "inter_bytes": 0.0, "seconds": 0.0}
+    copies = tokens_per_gpu * cfg.moe.experts_per_token
+    per_peer = 4 * moe_layers * copies * cfg.d_model * 2 / ep  # 4 = 2 forward + 2 backward
+    in_node = min(ep, hardware.gpus_per_node)
+    intra, inter = per_peer * (in_node - 1), per_peer * (ep - in_node)
+    seconds = max(intra / hardware.intra_node_bytes_per_s, inter / hardware.inter_node_bytes_per_s)
+    return {"bytes": intra + inter, "intra_bytes": intra, "inter_bytes": inter,
+            "seconds": seconds}
+
+
+def gradient_reduction(cfg: ModelConfig, hardware: Hardware, *, expert_parallel: int
+                       ) -> dict[str, float]:
+    """Ring reduction of bf16 gradients per step and device: dense over all devices,
+    experts over the devices holding the same experts."""
+    dense, expert = split_params(cfg)
+    P, ep = hardware.gpus, expert_parallel
+    ring = (lambda n: 2 * (n - 1) / n)
+    sent = ring(P) * 2 * dense + ring(P // ep) * 2 * expert / ep
+    bw = hardware.inter_node_bytes_per_s if P > hardware.gpus_per_node \
+        else hardware.intra_node_bytes_per_s
+    return {"bytes": sent, "seconds": sent / bw}
+
+
+def fitting_layouts(cfg: ModelConfig, hardware: Hardware, *, global_batch: int, seq_len: int,
+                    zero_stages=ZERO_STAGES, headroom: float = HEADROOM) -> list[Layout]:
+    """For each expert-parallel degree (1 for a dense model), the smallest ZeRO stage that
+    fits at some micro-batch (a power of two dividing global_batch / devices), with the
+    largest micro-batch that fits; degrees where nothing fits are left out."""
+    P = hardware.gpus
+    if global_batch % P:
+        raise ValueError(f"global_batch ({global_batch} sequences) must be a multiple of the "
+                         f"{P} devices")
+    per_gpu = global_batch // P
+    micro = [m for m in (2**i for i in range(per_gpu.bit_length())) if per_gpu % m == 0]
+    limit = (1 - headroom) * hardware.memory_bytes
+    eps = [1]
+    if cfg.ffn == "moe":
+        experts = math.gcd(*(cfg.moe.num_experts_of(g) for g in cfg.moe.groups))
+        eps = _divisors(math.gcd(experts, P))
+    out = []
+    for ep in eps:
+        for stage in sorted(zero_stages):
+            fits = [(m, mem) for m in micro
+                    if (mem := memory_per_gpu(cfg, hardware, expert_parallel=ep, zero_stage=stage,
+                                              micro_batch=m, seq_len=seq_len))["total"] <= limit]
+            if fits:
+                m, mem = fits[-1]
+                out.append(Layout(data_parallel=P, expert_parallel=ep, zero_stage=stage,
+                                  micro_batch=m, grad_accum=per_gpu // m, memory=mem,
+                                  limit_bytes=limit))
+                break
+    return out
+
+
+def step_time(cfg: ModelConfig, hardware: Hardware, layout: Layout, *, global_batch: int,
+              seq_len: int, mfu: float = MFU) -> dict:
+    """Seconds of one optimizer step: compute at ``mfu``, the all-to-all (exposed) and the
+    part of the gradient reduction the backward pass (2/3 of compute) cannot hide."""
+    from moe_gato.model.accounting import flops_per_token
+
+    tokens = global_batch * seq_len / hardware.gpus
+    compute = tokens * flops_per_token(cfg, training=True, seq_len=seq_len) \
+        / (hardware.peak_flops * mfu)
+    a2a = all_to_all(cfg, hardware, expert_parallel=layout.expert_parallel, tokens_per_gpu=tokens)
+    red = gradient_reduction(cfg, hardware, expert_parallel=layout.expert_parallel)
+    exposed = max(0.0, red["seconds"] - 2 / 3 * compute)
+    return {"compute_s": compute, "all_to_all": a2a, "gradient_reduction": red,
+            "reduction_exposed_s": exposed, "step_s": compute + a2a["seconds"] + exposed}
+
+
+def choose_layout(cfg: ModelConfig, hardware: Hardware, *, global_batch: int, seq_len: int,
+                  zero_stages=ZERO_STAGES, headroom: float = HEADROOM, mfu: float = MFU
+                  ) -> Layout | None:
+    """The fastest step among ``fitting_layouts`` (ties: less expert parallelism); None
+    when no layout fits."""
+    options = fitting_layouts(cfg, hardware, global_batch=global_batch, seq_len=seq_len,
+                              zero_stages=zero_stages, headroom=headroom)
+    if not options:
+        return None
+    return min(options, key=lambda lay: (step_time(cfg, hardware, lay, global_batch=global_batch,
+                                                   seq_len=seq_len, mfu=mfu)["step_s"],
+                                         lay.expert_parallel))
+
+
+# -------------------------------------------------------------------------------- plans
+
+
+def _check(budgets, hz, mfu, headroom, zero_stages, global_batch, context) -> None:
+    for b in budgets:
+        if not (isinstance(b, (int, float)) and math.isfinite(b) and b > 0):
+            raise ValueError(f"budget must be a finite number of FLOPs > 0, got {b}")
+    if not (math.isfinite(hz) and hz > 0):
+        raise ValueError(f"hz must be a control rate > 0, got {hz}")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu must lie in (0, 1], got {mfu}")
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom must lie in [0, 1), got {headroom}")
+    if not zero_stages or any(s not in (0, 1, 2) for s in zero_stages):
+        raise ValueError(f"zero_stages must be a non-empty subset of 0, 1, 2 (the trainer "
+                         f"runs no ZeRO-3), got {list(zero_stages)}")
+    if global_batch < 1 or context < 1:
+        raise ValueError(f"global_batch and context must be >= 1, got {global_batch}, {context}")
+
+
+def _base_preset(family: FamilyConfig) -> dict:
+    from moe_gato.config import load_yaml
+    from scaling.family import REPO
+
+    path = Path(family.base)
+    return load_yaml(path if path.is_file() else REPO / path)
+
+
+def build_candidates(hardware: Hardware, *, family: FamilyConfig | None = None,
+                     base_model: dict | None = None, experts=None, widths=None,
+                     context: int = CONTEXT, shape: str = "metaworld") -> list[Candidate]:
+    """The family's members, with their control rate on one device of ``hardware``."""
+    from scaling.family import FamilyConfig
+    from scaling.optimum import candidates
+
+    family = family or FamilyConfig()
+    return candidates(family, base_model or _base_preset(family),
+                      widths=widths or default_widths(family.head_dim),
+                      experts=experts or default_experts(), context=context,
+                      device=hardware.latency_device, shape=shape)
+
+
+def plans(budgets, hardware: str | Hardware, *, hz: float, fit_doc: dict | None = None,
+          law: str | None = None, coefs: dict | None = None, family: FamilyConfig | None = None,
+          base_model: dict | None = None, experts=None, widths=None, context: int = CONTEXT,
+          mfu: float = MFU, shape: str = "metaworld", zero_stages=ZERO_STAGES,
+          global_batch: int = GLOBAL_BATCH, headroom: float = HEADROOM,
+          cands: list[Candidate] | None = None) -> list[dict]:
+    """One plan per budget (see ``plan``); the candidates are built once."""
+    budgets = [float(b) if isinstance(b, (int, float)) else b for b in budgets]
+    _check(budgets, hz, mfu, headroom, zero_stages, global_batch, context)
+    hw = parse_hardware(hardware) if isinstance(hardware, str) else hardware
+    if global_batch % hw.gpus:
+        raise ValueError(f"global_batch ({global_batch} sequences) must be a multiple of the "
+                         f"{hw.gpus} devices of {hw.name}")
+    law, coefs, source = resolve_law(fit_doc, law, coefs)
+    from scaling.family import FamilyConfig
+
+    family = family or FamilyConfig()
+    if cands is None:
+        cands = build_candidates(hw, family=family, base_model=base_model, experts=experts,
+                                 widths=widths, context=context, shape=shape)
+    base_model = base_model or _base_preset(family)
+    pool = f"{len(cands)} family members"
+    if law == "chinchilla":  # no term for experts: an MoE would count as a dense model
+        cands = [c for c in cands if c.experts.dense]
+        pool = f"{len(cands)} dense family members (the chinchilla law has no term for experts)"
+        if not cands:
+            raise ValueError("law chinchilla: no dense candidate (experts: 1) to choose from")
+    layouts: dict[str, tuple] = {}  # label: (config, layout or None), shared by the budgets
+    return [_plan_one(b, hw, hz=hz, law=law, coefs=coefs, source=source, pool=pool, family=family,
+                      base_model=base_model, context=context, mfu=mfu, shape=shape,
+                      zero_stages=tuple(zero_stages), global_batch=global_batch,
+                      headroom=headroom, cands=cands, layouts=layouts) for b in budgets]
+
+
+def plan(budget: float, hardware: str | Hardware, *, hz: float, **kw) -> dict:
+    """The compute-optimal model meeting ``hz`` for ``budget`` FLOPs on ``hardware``, its
+    layout and its time: a dict with ``chosen`` (model, N, E, k, G, D, steps, Hz, loss),
+    ``layout``, ``comm``, ``time``, ``free`` (the optimum at any rate) and ``notes``.
+    ``chosen`` is None, with ``notes`` saying why, when no candidate meets the rate and
+    fits. Keywords as ``plans``."""
+    return plans([budget], hardware, hz=hz, **kw)[0]
+
+
+def _plan_one(budget, hw, *, hz, law, coefs, source, pool, family, base_model, context, mfu, shape,
+              zero_stages, global_batch, headroom, cands, layouts) -> dict:
+    from scaling.optimum import predicted_losses
+
+    loss = predicted_losses(law, coefs, budget, cands)
+    ranked = sorted((float(v), i) for i, v in enumerate(loss) if math.isfinite(v))
+    out = {"budget": budget, "hardware": hw.name, "hz_target": hz, "law": law, "coefs": coefs,
+           "law_source": source, "candidates": pool, "latency_device": hw.latency_device,
+           "latency_note": hw.latency_note, "shape": shape,
+           "context": context, "mfu": mfu, "headroom": headroom, "global_batch": global_batch,
+           "chosen": None, "layout": None, "comm": None, "time": None, "free": None,
+           "notes": []}
+    notes = out["notes"]
+    if not ranked:
+        notes.append("the law gives no finite loss for any candidate")
+        return out
+    out["free"] = _model_row(cands[ranked[0][1]], budget, ranked[0][0], global_batch, context)
+    fast = [(v, i) for v, i in ranked if cands[i].hz >= hz]
+    if not fast:
+        top = max(cands, key=lambda c: c.hz)
+        notes.append(f"no candidate meets {hz:g} Hz on one {hw.kind} ({hw.latency_device}): "
+                     f"the fastest, {top.label}, is predicted at {top.hz:.1f} Hz")
+        return out
+    found = _first_that_fits(fast, cands, layouts, hw, family=family, base_model=base_model,
+                             context=context, global_batch=global_batch,
+                             zero_stages=zero_stages, headroom=headroom, mfu=mfu)
+    if found is None:
+        notes.append(f"no candidate meeting {hz:g} Hz fits {hw.name} at ZeRO stages "
+                     f"{list(zero_stages)} (needs tensor or pipeline parallelism, not modelled)")
+        return out
+    c, v, cfg, layout, skipped = found
+    if skipped:
+        notes.append(f"{skipped} better candidate(s) meeting the rate did not fit in memory")
+    row = _model_row(c, budget, v, global_batch, context)
+    t = step_time(cfg, hw, layout, global_batch=global_batch, seq_len=context, mfu=mfu)
+    wall = row["steps"] * t["step_s"]
+    out.update(chosen=row, layout={**dataclasses.asdict(layout),
+                                   "trainer": layout.trainer_overrides(global_batch)},
+               comm={k: t[k] for k in ("all_to_all", "gradient_reduction",
+                                       "reduction_exposed_s")},
+               time={"compute_s_per_step": t["compute_s"], "step_s": t["step_s"],
+                     "wall_s": wall, "gpu_hours": hw.gpus * wall / 3600})
+    if c.N_active > LATENCY_FIT_MAX_ACTIVE:
+        notes.append(f"{c.label}: {c.N_active / 1e6:.0f}M active parameters, past the latency "
+                     f"model's largest preset (84M): its rate is extrapolated")
+    if row["steps"] < 1000:
+        notes.append(f"{row['steps']} steps at {global_batch} sequences per step: a smaller "
+                     f"global batch would give the optimizer more steps")
+    return out
+
+
+def _first_that_fits(ranked, cands, layouts, hw, *, family, base_model, context, global_batch,
+                     zero_stages, headroom, mfu):
+    """(candidate, loss, config, layout, how many better ones did not fit) of the first
+    candidate in ``ranked`` ((loss, index) pairs) with a layout; None if none has one.
+    ``layouts`` caches {label: (config, layout or None)} across budgets."""
+    from scaling.family import model_config
+
+    for skipped, (v, i) in enumerate(ranked):
+        c = cands[i]
+        if c.label not in layouts:
+            cfg = model_config(family, d_model=c.d_model, experts=c.experts, base=base_model,
+                               context_length=context)
+            layouts[c.label] = (cfg, choose_layout(cfg, hw, global_batch=global_batch,
+                                                   seq_len=context, zero_stages=zero_stages,
+                                                   headroom=headroom, mfu=mfu))
+        cfg, layout = layouts[c.label]
+        if layout is not None:
+            return c, v, cfg, layout, skipped
+    return None
+
+
+def _model_row(c: Candidate, budget: float, loss: float, global_batch: int, context: int
+               ) -> dict:
+    D = budget / c.flops_per_token
+    return {"model": c.label, "d_model": c.d_model, "num_layers": c.num_layers,
+            "N_active": c.N_active, "N_total": c.N_total, "E": c.experts.expansion,
+            "experts": c.experts.experts, "k": c.experts.k, "G": c.experts.G,
+            "flops_per_token": c.flops_per_token, "D": D,
+            "steps": max(1, math.ceil(D / (global_batch * context))), "hz": c.hz, "loss": loss}
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def _duration(s: float) -> str:
+    for unit, scale in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s:.3g} s"
+
+
+def markdown(rows: list[dict]) -> str:
+    """The plans as a table, with the assumptions and caveats above it."""
+    r0 = rows[0]
+    coefs = ", ".join(f"{k}={v:.4g}" for k, v in r0["coefs"].items())
+    lines = [
+        f"Plan on {r0['hardware']}, control rate >= {r0['hz_target']:g} Hz (batch 1, "
+        f"{r0['shape']} observations, context {r0['context']}, on ONE device, latency model "
+        f"`{r0['latency_device']}`{'; ' + r0['latency_note'] if r0['latency_note'] else ''}).",
+        f"Law: {r0['law']} ({coefs}); {r0['law_source']}. Candidates: {r0['candidates']}.",
+        f"Cost model: MFU {r0['mfu']:g} of dense bf16 peak; global batch {r0['global_batch']} "
+        f"sequences; memory: bf16 weights + bf16 grads + 12 B/param AdamW fp32 state (ZeRO-"
+        f"sharded) + activations, within {100 * (1 - r0['headroom']):.0f}% of device memory; "
+        f"all-to-all not overlapped. Beyond the fitted ranges: an extrapolation, a sketch.",
+        "",
+        "| C (FLOPs) | model | N active | N total | E (experts, k, G) | D (tokens) | steps | "
+        "Hz | loss | layout (DP, EP, ZeRO, micro x accum) | GiB/GPU | all-to-all/step | "
+        "wall-clock | GPU-hours | at any rate: model, loss |",
+        "|---" * 15 + "|"]
+    notes = []
+    for r in rows:
+        C = f"{r['budget']:.0e}".replace("e+", "e")
+        notes += [f"{C}: {n}" for n in r["notes"]]
+        lines.append(f"| {C} | " + " | ".join(_cells(r)) + " |")
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def _cells(r: dict) -> list[str]:
+    """A plan's table cells after the budget."""
+    free = r["free"]
+    free = f"{free['model']}, {free['loss']:.3f}" if free else "-"
+    c, lay = r["chosen"], r["layout"]
+    if c is None:
+        return ["none meets the rate and fits"] + [""] * 12 + [free]
+    a2a = r["comm"]["all_to_all"]
+    return [f"{c['model']} ({c['num_layers']} layers)", _si(c["N_active"]), _si(c["N_total"]),
+            "dense" if c["experts"] == 1 else f"{c['E']:g} ({c['experts']}, {c['k']}, {c['G']})",
+            f"{c['D']:.2e}", str(c["steps"]), f"{c['hz']:.1f}", f"{c['loss']:.3f}",
+            f"{lay['data_parallel']}, {lay['expert_parallel']}, {lay['zero_stage']}, "
+            f"{lay['micro_batch']} x {lay['grad_accum']}",
+            f"{lay['memory']['total'] / 2**30:.1f}",
+            f"{a2a['bytes'] / 1e9:.3g} GB, {a2a['seconds']:.3g} s" if a2a["bytes"] else "-",
+            _duration(r["time"]["wall_s"]), f"{r['time']['gpu_hours']:.3g}", free]
+
+
+def _finite(v):
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
+            from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
+            from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--budget", type=float, help="training compute C in FLOPs, e.g. 1e21")
+    what.add_argument("--table", type=_floats, help="several budgets, e.g. 1e19,1e20,1e21")
+    p.add_argument("--hardware", required=True,
+                   help="64xH100, 8xH200, 1xH100, cpu-2core (N: 1-8 or whole nodes of 8)")
+    p.add_argument("--hz", type=float, default=20.0,
+                   help="batch-1 control rate to meet on one device (default 20)")
+    p.add_argument("--fit", help="a fit.json from moe-gato fit / sweep (default: Epoch's "
+                                 "Chinchilla fit, a dense text-LM law)")
+    p.add_argument("--law", help="chinchilla, krajewski or joint (default: the fit's law with "
+                                 "the lowest held-out error; chinchilla without --fit)")
+    p.add_argument("--mfu", type=float, default=MFU, help=f"assumed MFU (default {MFU})")
+    p.add_argument("--context", type=int, default=CONTEXT,
+                   help=f"training and control context in tokens (default {CONTEXT})")
+    p.add_argument("--global-batch", type=int, default=GLOBAL_BATCH,
+                   help=f"sequences per optimizer step (default {GLOBAL_BATCH})")
+    p.add_argument("--zero-stages", type=_ints, default=list(ZERO_STAGES),
+                   help="ZeRO stages to consider, smallest first (default 1,2)")
+    p.add_argument("--headroom", type=float, default=HEADROOM,
+                   help=f"share of device memory kept free (default {HEADROOM})")
+    p.add_argument("--shape", default="metaworld", help="observation shape of the control "
+                                                        "step: metaworld or babyai")
+    p.add_argument("--json", help="also write the plans to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    fit_doc = None
+    if args.fit:
+        path = Path(args.fit)
+        if not path.is_file():
+            raise ValueError(f"--fit: no such file {path}")
+        try:
+            fit_doc = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--fit: {path} is not JSON ({exc})") from None
+    budgets = args.table if args.table is not None else [args.budget]
+    if not budgets:
+        raise ValueError("--table: give at least one budget")
+    rows = plans(budgets, args.hardware, hz=args.hz, fit_doc=fit_doc, law=args.law,
+                 mfu=args.mfu, context=args.context, global_batch=args.global_batch,
+                 zero_stages=args.zero_stages, headroom=args.headroom, shape=args.shape)
+    print(markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(_finite(rows), indent=1) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+__all__ = ["EPOCH_CHINCHILLA", "EXPERT_GRID", "Layout", "default_widths", "default_experts",
+           "resolve_law", "split_params", "memory_per_gpu", "fitting_layouts", "step_time",
+           "choose_layout", "all_to_all", "gradient_reduction", "build_candidates", "plans",
+           "plan", "markdown", "add_arguments", "run"]
