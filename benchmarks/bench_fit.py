@@ -23,23 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-EPOCH_CSV = Path(os.environ.get("MOE_GATO_CHINCHILLA_CSV", ROOT.parent / "shared" / "data"
-                                / "chinchilla" / "svg_extracted_data.csv"))
 EPOCH = {"A": 482.01, "B": 2085.43, "E": 1.817, "alpha": 0.3478, "beta": 0.3658}
 
 
 def load():
-    import csv
+    from scaling.fit import load_epoch_chinchilla
 
-    import numpy as np
-
-    with EPOCH_CSV.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    N = np.array([float(r["Model Size"]) for r in rows])
-    C = np.array([float(r["Training FLOP"]) for r in rows])
-    L = np.array([float(r["loss"]) for r in rows])
-    keep = np.argsort(L, kind="stable")[:-5]  # Epoch: the 5 highest losses dropped
-    return N[keep], C[keep] / (6 * N[keep]), L[keep]
+    return load_epoch_chinchilla()
 
 
 def baseline(N, D, L, starts):

@@ -735,3 +735,36 @@ def fit_table(table, laws="all", *, bootstrap: int = 0, seed: int = 0, rtol: flo
         doc["chinchilla_exponents"] = {"a": c["beta"] / (c["alpha"] + c["beta"]),
                                        "b": c["alpha"] / (c["alpha"] + c["beta"])}
     return doc
+
+
+EPOCH_CSV = Path(__file__).resolve().parent / "data" / "chinchilla_epoch.csv"
+
+
+def load_epoch_chinchilla(path: str | Path | None = None):
+    """(N, D, L) of Epoch AI's extraction of Chinchilla's runs (scaling/data/README.md), the
+    5 highest losses dropped as Epoch did; D = C / (6 N). ``path`` (or the environment's
+    MOE_GATO_CHINCHILLA_CSV) replaces the copy kept in the repo."""
+    import csv
+    import os
+
+    path = Path(path or os.environ.get("MOE_GATO_CHINCHILLA_CSV") or EPOCH_CSV)
+    if not path.is_file():
+        raise ValueError(f"Epoch's Chinchilla data not found at {path}")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    N = np.array([float(r["Model Size"]) for r in rows])
+    C = np.array([float(r["Training FLOP"]) for r in rows])
+    L = np.array([float(r["loss"]) for r in rows])
+    keep = np.argsort(L, kind="stable")[:-5]  # Epoch: the 5 highest losses dropped
+    return N[keep], C[keep] / (6 * N[keep]), L[keep]
+
+
+def finite_json(v):
+    """A document with inf / nan as None (JSON has neither)."""
+    if isinstance(v, dict):
+        return {k: finite_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [finite_json(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 
@@ -30,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scaling.fit import LAWS, fit_table, read_results
+    from scaling.fit import LAWS, finite_json, fit_table, read_results
     from scaling.plots import plot_all
 
     if args.law != "all" and args.law not in LAWS:
@@ -42,23 +41,12 @@ def run(args: argparse.Namespace) -> int:
                                                      seed=args.seed)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fit.json").write_text(json.dumps(_finite(doc), indent=1) + "\n")
+    (out / "fit.json").write_text(json.dumps(finite_json(doc), indent=1) + "\n")
     (out / "fit.md").write_text(markdown(doc) + "\n")
     plot_all(table, doc, out)
     print(markdown(doc))
     print(f"\nwrote {out}/fit.json, fit.md, isoflop.png, law_fit.png, frontier.png")
     return 0
-
-
-def _finite(v):
-    """The document with inf/nan as null (JSON has neither)."""
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 def _g(v) -> str:

@@ -553,16 +553,6 @@ def _cells(r: dict) -> list[str]:
             _duration(r["time"]["wall_s"]), f"{r['time']['gpu_hours']:.3g}", free]
 
 
-def _finite(v):
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -609,6 +599,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from scaling.fit import finite_json
+
     fit_doc = None
     if args.fit:
         path = Path(args.fit)
@@ -626,7 +618,7 @@ def run(args: argparse.Namespace) -> int:
                  zero_stages=args.zero_stages, headroom=args.headroom, shape=args.shape)
     print(markdown(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(_finite(rows), indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(finite_json(rows), indent=1) + "\n")
         print(f"\nwrote {args.json}")
     return 0
 

@@ -35,8 +35,8 @@ def fit_sweep(cfg, rows: list[dict]) -> dict:
     """Fits, the optimum and their plots for a sweep config and its results rows."""
     from moe_gato.config import to_dict
     from moe_gato.train import load_train_config
-    from scaling.fit import fit_table
-    from scaling.fit_cli import _finite, markdown
+    from scaling.fit import finite_json, fit_table
+    from scaling.fit_cli import markdown
     from scaling.optimum import candidates, frontier
     from scaling.plots import plot_all
 
@@ -45,7 +45,7 @@ def fit_sweep(cfg, rows: list[dict]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     doc = {"results": str(Path(cfg.out) / "results.csv"),
            **fit_table(table, list(cfg.fit.laws), bootstrap=cfg.fit.bootstrap)}
-    (out / "fit.json").write_text(json.dumps(_finite(doc), indent=1) + "\n")
+    (out / "fit.json").write_text(json.dumps(finite_json(doc), indent=1) + "\n")
     (out / "fit.md").write_text(markdown(doc) + "\n")
     plot_all(table, doc, out)
 
@@ -61,7 +61,7 @@ def fit_sweep(cfg, rows: list[dict]) -> dict:
     front = frontier(law, doc["laws"][law], budgets, cands, hz=cfg.fit.hz)
     optimum = {"law": law, "hz": cfg.fit.hz, "device": cfg.fit.device, "shape": cfg.fit.shape,
                "context": context, "frontier": front}
-    (out / "optimum.json").write_text(json.dumps(_finite(optimum), indent=1) + "\n")
+    (out / "optimum.json").write_text(json.dumps(finite_json(optimum), indent=1) + "\n")
     (out / "optimum.md").write_text(optimum_markdown(optimum) + "\n")
     plot_latency_frontier(optimum, out / "latency_frontier.png")
     print((out / "fit.md").read_text())

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaling.fit import (LAWS, approach1, approach2, compute_optimal, fit_chinchilla, fit_law,
+from scaling.fit import (LAWS, load_epoch_chinchilla, approach1, approach2, compute_optimal, fit_chinchilla, fit_law,
                          held_out_errors, objective, predict)
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCH_CSV = Path(os.environ.get("MOE_GATO_CHINCHILLA_CSV", Path(__file__).resolve().parents[2]
-                                / "shared" / "data" / "chinchilla" / "svg_extracted_data.csv"))
 HOFFMANN = {"A": 406.4, "B": 410.7, "E": 1.69, "alpha": 0.34, "beta": 0.28}
 
 #: true coefficients of each law, the extra input it varies and the values it takes;
@@ -81,15 +78,7 @@ def test_noise_free_chinchilla_is_exact():
 
 
 def _epoch():
-    if not EPOCH_CSV.is_file():
-        pytest.skip(f"Epoch's Chinchilla data not found at {EPOCH_CSV} (MOE_GATO_CHINCHILLA_CSV)")
-    with EPOCH_CSV.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    N = np.array([float(r["Model Size"]) for r in rows])
-    C = np.array([float(r["Training FLOP"]) for r in rows])
-    L = np.array([float(r["loss"]) for r in rows])
-    keep = np.argsort(L, kind="stable")[:-5]  # Epoch: the 5 highest losses dropped
-    return N[keep], C[keep] / (6 * N[keep]), L[keep]
+    return load_epoch_chinchilla()
 
 
 def test_epoch_chinchilla_fit_lands_in_their_intervals():
