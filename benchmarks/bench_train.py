@@ -60,7 +60,7 @@ def main() -> None:
 
     from moe_gato.model import build_model
     from moe_gato.train import load_train_config
-    from moe_gato.train.trainer import measure_peak_flops
+    from moe_gato.train.metrics import measure_peak_flops
 
     torch.set_num_threads(os.cpu_count() or 2)
     peak = measure_peak_flops(torch.device("cpu"))

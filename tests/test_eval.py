@@ -269,7 +269,7 @@ def test_eval_cli_errors(trained, tmp_path, capsys):
 
 def test_training_logs_action_accuracy(trained):
     from moe_gato.tokenizer import Kind, VocabLayout
-    from moe_gato.train.trainer import action_hits
+    from moe_gato.train.metrics import action_hits
 
     records = [json.loads(ln) for ln in (trained / "run" / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]

@@ -270,3 +270,45 @@ def test_a_model_vocabulary_that_does_not_fit_the_data_is_refused(tmp_path, tiny
     with pytest.raises(ValueError, match="discrete_offset"):
         Trainer(load_train_config(path, ["model.discrete_offset=separate"]), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------- the loop's parts
+def test_the_objective_is_a_part_the_loop_takes(tmp_path, tiny_suite):
+    """A step minimises whatever objective the trainer is given; its named parts are
+    logged as objective/<name>."""
+    from moe_gato.train.objective import LanguageModelLoss, ObjectivePart
+
+    class Doubled(LanguageModelLoss):
+        def __call__(self, model, batch):
+            part = super().__call__(model, batch)
+            return ObjectivePart(loss=2.0 * part.loss, aux=part.aux, out=part.out,
+                                 parts={"half": part.loss / 2})
+
+    cfg = load_train_config(write_config(tmp_path, tiny_suite), ["steps=1"])
+    base = Trainer(cfg, tmp_path / "lm").fit()
+    doubled = Trainer(cfg, tmp_path / "doubled", objective=Doubled()).fit()
+    assert doubled["loss"] == pytest.approx(2 * base["loss"], rel=1e-6)
+    assert doubled["objective/half"] == pytest.approx(base["loss"] / 2, rel=1e-6)
+    assert "objective/half" not in base
+
+
+def test_a_uniform_backward_graph_is_asked_for_not_inferred(tmp_path, tiny_suite):
+    """One process skips the patch block and the expert groups a batch does not use, with
+    gradients recorded or not; parallelize asks for every part when ranks must agree."""
+    from moe_gato.model import build_model, load_config
+    from moe_gato.tokenizer import GatoTokenizer, collate, pack_sequences
+
+    trainer = Trainer(load_train_config(write_config(tmp_path, tiny_suite)), tmp_path / "run")
+    assert trainer.model.embed.uniform_graph is False  # one process
+    tok = GatoTokenizer()
+    batch = collate(pack_sequences([tok.tokenize_text("To be, or not to be.")], context_len=32,
+                                   layout=tok.layout))  # text only: no image, no action
+    model = build_model(load_config("configs/model/tiny-moe.yaml", ["num_layers=1"]))
+    model(batch).loss.backward()
+    patch = [p for n, p in model.named_parameters() if n.startswith("embed.patches.")]
+    action = [p for n, p in model.named_parameters() if ".groups.action." in n]
+    assert all(p.grad is None for p in patch + action)
+    model.zero_grad(set_to_none=True)
+    model.set_uniform_graph(True)
+    model(batch).loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in patch + action)

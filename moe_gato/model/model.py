@@ -56,11 +56,15 @@ def value_features(num_bins: int, n: int) -> torch.Tensor:
 class GatoEmbedding(nn.Module):
     """Token table for every id; image positions take their patch embedding plus row and
     column embeddings; every position adds its local position (shared one for actions).
+    ``uniform_graph`` (``GatoModel.set_uniform_graph``) runs the patch block with no image
+    too, so that every rank builds the same backward graph.
 
     ``value_embedding="smooth"``: the continuous-value bins' rows are the table's plus
     ``value_features @ value_basis``, a learned map shared by all bins, so a bin seen
     rarely still sits between its neighbours. With tied embeddings the output head uses
     the same rows (``weight()``)."""
+
+    uniform_graph: bool = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -99,9 +103,7 @@ class GatoEmbedding(nn.Module):
         x_BLD = F.embedding(batch["tokens"], self.weight() if weight_VD is None else weight_VD)
         is_image_BL = kinds_BL == Kind.IMAGE
         patches = batch.get("patches")
-        # with gradients recorded the patch block runs even without images, so that the
-        # backward graph has the same shape on every data-parallel rank
-        if patches is not None and (patches.shape[0] > 0 or torch.is_grad_enabled()):
+        if patches is not None and (patches.shape[0] > 0 or self.uniform_graph):
             rc_P4 = batch["image_rc"][is_image_BL]
             image_PD = (self.patches(batch["patches"].to(x_BLD.dtype))
                         + self.rows(self._bins(rc_P4[:, 0], rc_P4[:, 1]))
@@ -186,6 +188,15 @@ class GatoModel(nn.Module):
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size,
                                                                bias=False)
         self.reset_parameters()
+
+    def set_uniform_graph(self, uniform: bool) -> None:
+        """Every expert group and the patch block run for every batch, with or without
+        tokens for them, so that data-parallel and expert-parallel ranks build the same
+        backward graph. Asked for by the training code (``moe_gato.train.parallelize``);
+        off by default: one process skips what a batch does not use."""
+        for module in self.modules():
+            if isinstance(module, (GatoEmbedding, ModalityRoutedMoE)):
+                module.uniform_graph = bool(uniform)
 
     def reset_parameters(self) -> None:
         std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers)

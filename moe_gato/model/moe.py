@@ -97,6 +97,10 @@ FEW_TOKENS = 512
 
 
 class ModalityRoutedMoE(nn.Module):
+    #: run every group, with or without tokens, so that every rank builds the same backward
+    #: graph; set by the training code (``GatoModel.set_uniform_graph``), never inferred
+    uniform_graph: bool = False
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.moe = cfg.moe
@@ -118,11 +122,11 @@ class ModalityRoutedMoE(nn.Module):
         if self._fast_path_applies(x_TD.shape[0]):
             return self._forward_few(x_TD, kinds_T)
         group_T = self.group_of_kind[kinds_T]
-        # While gradients are recorded every group runs, with or without tokens, so that the
-        # backward graph has the same shape on every rank: expert parallelism needs every
-        # rank in every exchange, and reductions that bucket gradients in the order they
-        # become ready (ZeRO-2) would otherwise mix up parameters between ranks.
-        uniform = torch.is_grad_enabled() or any(
+        # Asked for by the training code when ranks must build the same backward graph:
+        # every group runs, with or without tokens. Expert parallelism needs every rank in
+        # every exchange, and reductions that bucket gradients in the order they become
+        # ready (ZeRO-2) would otherwise mix up parameters between ranks.
+        uniform = self.uniform_graph or any(
             g.expert_parallel is not None for g in self.groups.values())
         y_TD, routing = None, {}
         for g, (name, group) in enumerate(self.groups.items()):

@@ -11,6 +11,11 @@ step (all ranks, all micro-batches), so any split of the same global batch gives
 gradients as one process. Resume restores weights, optimizer, step, tokens, data position
 and RNG; metrics of steps after the checkpoint are dropped from ``metrics.jsonl``.
 
+The loop is assembled from parts: what a step minimises (``objective``, default
+``moe_gato.train.objective.LanguageModelLoss``), the distribution applied to the plain
+model (``moe_gato.train.parallelize``: process groups, expert sharding, DeepSpeed, the
+uniform backward graph ranks need) and what is measured (``moe_gato.train.metrics``).
+
 A run directory is never overwritten unless asked (``overwrite=True``, ``--overwrite``: the
 old run is moved aside to ``RUN.old-<time>``); a resumed run keeps its saved config except
 for the budget and the bookkeeping keys in ``CHANGEABLE_ON_RESUME``, whose changes are
@@ -22,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -31,17 +35,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_gato.config import deep_merge, save_config, to_dict
+from moe_gato.config import save_config, to_dict
 from moe_gato.model import build_model
 from moe_gato.model.config import upgrade_saved
-from moe_gato.model.moe import ModalityRoutedMoE
 from moe_gato.tokenizer import KIND_NAMES, collate
-from moe_gato.tokenizer.layout import ACTION_KINDS
 from moe_gato.train import checkpoint as ckpt
 from moe_gato.train.config import TrainConfig
-
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
+from moe_gato.train.metrics import (MetricsLog, action_hits, add_kind_losses, kind_means,
+                                    measure_peak_flops, routing_metrics)
+from moe_gato.train.objective import LanguageModelLoss
+from moe_gato.train.parallelize import all_reduce_sum, parallelize, setup_distributed
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or weights, a step without targets); the
@@ -106,116 +109,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-# ------------------------------------------------------------------- distribution
-@dataclasses.dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(cfg: TrainConfig) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for but no CUDA device is visible")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        if cfg.deepspeed.enabled:
-            deepspeed = import_deepspeed(cpu=not use_cuda)
-            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
-        else:
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if cfg.batch_size % (cfg.micro_batch_size * world):
-        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of "
-                         f"micro_batch_size x ranks ({cfg.micro_batch_size} x {world})")
-    if world % cfg.expert_parallel_size:
-        raise ValueError(f"expert_parallel_size ({cfg.expert_parallel_size}) must divide the "
-                         f"number of ranks ({world})")
-    return Dist(rank=rank, world=world, device=device)
-
-
-def import_deepspeed(cpu: bool):
-    """Imports DeepSpeed the way this project runs it. On CPU: the ``cpu`` accelerator
-    (``DS_ACCELERATOR`` must be set before the import) and no ``shm_comm`` extension, whose
-    first build takes 60-90 s; collectives then run over gloo."""
-    if cpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import importlib
-
-    import deepspeed
-
-    if cpu:  # (deepspeed.comm's attribute "torch" is the torch package: go by module name)
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    return deepspeed
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(x)
-    return x
-
-
-def measure_peak_flops(device: torch.device) -> float:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                return peak
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    return 5 * 2 * n**3 / (time.perf_counter() - start)
-
-
-# ------------------------------------------------------------------------ metrics
-def routing_metrics(routing: list[dict]) -> dict[str, float]:
-    """Per layer and group: load of each expert (fraction), dropped slots, router entropy
-    of the load distribution (1.0 = perfectly balanced)."""
-    out: dict[str, float] = {}
-    for layer, groups in enumerate(routing):
-        for name, r in groups.items():
-            load = r.load_E.float()
-            frac = load / load.sum().clamp(min=1)
-            ent = -(frac * frac.clamp(min=1e-12).log()).sum() / math.log(max(len(frac), 2))
-            prefix = f"moe/{layer}/{name}"
-            out[f"{prefix}/max_load"] = float(frac.max()) * len(frac)
-            out[f"{prefix}/entropy"] = float(ent)
-            out[f"{prefix}/dropped"] = float(r.dropped)
-            for e, f in enumerate(frac.tolist()):
-                out[f"{prefix}/load/{e}"] = f
-    return out
-
-
-def _parse_json(line: str) -> dict | None:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def add_kind_losses(sums_K2: torch.Tensor, batch: dict, out) -> None:
-    """Adds (mean loss x targets, targets) of each target kind in ``out`` to its row."""
-    target_kinds = batch["kinds"][:, 1:][batch["loss_mask"][:, 1:]]
-    for name, value in out.kind_losses.items():
-        k = KIND_NAMES_INDEX[name]
-        n = float((target_kinds == k).sum())
-        sums_K2[k, 0] += float(value) * n
-        sums_K2[k, 1] += n
-
-
 def check_vocabulary(model_layout, tokenizer) -> None:
     """The model's token layout must be the one the data is tokenized with: otherwise the
     actions and the separator land on rows that never see data, silently."""
@@ -230,74 +123,17 @@ def check_vocabulary(model_layout, tokenizer) -> None:
                          f"{data} (model.num_bins / model.discrete_offset)")
 
 
-def action_hits(logits_BLV: torch.Tensor, batch: dict, layout) -> tuple[int, int]:
-    """(correct, total) teacher-forced action predictions: the argmax over the target's own
-    id range (as a policy decodes) equals the expert's action token."""
-    targets_BL, kinds_BL = batch["tokens"][:, 1:], batch["kinds"][:, 1:]
-    logits_BLV = logits_BLV[:, :-1]
-    correct = total = 0
-    for kind in ACTION_KINDS:
-        sel_BL = batch["loss_mask"][:, 1:] & (kinds_BL == kind)
-        if sel_BL.any():
-            lo, hi = layout.id_range(kind)
-            pred = logits_BLV[sel_BL][:, lo:hi].argmax(-1) + lo
-            correct += int((pred == targets_BL[sel_BL]).sum())
-            total += int(sel_BL.sum())
-    return correct, total
-
-
-def kind_means(sums_K2: torch.Tensor, prefix: str) -> dict[str, float]:
-    return {f"{prefix}{name}": float(sums_K2[k, 0] / sums_K2[k, 1])
-            for name, k in KIND_NAMES_INDEX.items() if sums_K2[k, 1] > 0}
-
-
-class MetricsLog:
-    """metrics.jsonl (one object per logged step) and TensorBoard, written by rank 0."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        if resume_step is not None and self.path.exists():
-            # drop the steps after the checkpoint, and a last line cut short by a kill
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if (record := _parse_json(ln)) is not None and record.get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")  # a kill mid-write must not empty it
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, self.path)
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if k not in ("step", "time") and isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, record["step"])
-        self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-# ------------------------------------------------------------------------ trainer
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, data_dir: str | Path | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, objective=None):
         from moe_gato.data.loader import SequenceLoader, default_tokenizer
 
         if not str(run_dir).strip():
             raise ValueError("the run directory (--out) is empty; name a folder")
         check_vocabulary(cfg.model.layout, default_tokenizer())
         self.cfg = cfg
+        #: what a step minimises (moe_gato.train.objective); Gato's next-token loss by default
+        self.objective = objective or LanguageModelLoss()
         self.run_dir = Path(run_dir)
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ValueError(f"run directory {self.run_dir} exists and is not a folder")
@@ -307,17 +143,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = build_model(cfg.model).to(self.dist.device)
-        if cfg.expert_parallel_size > 1:
-            from moe_gato.train.expert_parallel import shard_experts
-
-            shard_experts(self.model, cfg.expert_parallel_size)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.engine, self.optimizer = parallelize(self.model, cfg, self.dist, lambda m: (
+            torch.optim.AdamW(param_groups(m, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                              betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)))
         self.accum = cfg.batch_size // (cfg.micro_batch_size * self.dist.world)
-        self.engine = None
-        if cfg.deepspeed.enabled:
-            self._init_deepspeed()
         self.loader = SequenceLoader(cfg.data, split="train", seed=cfg.seed, data_dir=self.data_dir)
         for task, n in self.loader.max_timestep_tokens().items():
             if n > cfg.data.context_len:
@@ -330,24 +159,6 @@ class Trainer:
         self.peak_flops = cfg.peak_flops or measure_peak_flops(self.dist.device)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.dist.device.type == "cuda" else None)
-
-    def _init_deepspeed(self) -> None:
-        deepspeed = import_deepspeed(cpu=self.dist.device.type == "cpu")
-        cfg = self.cfg
-        ds_config = {
-            "train_batch_size": cfg.batch_size,
-            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-            "gradient_accumulation_steps": self.accum,
-            "gradient_clipping": cfg.optim.grad_clip,
-            "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": self.dist.device.type == "cuda"},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
-        ds_config = deep_merge(ds_config, cfg.deepspeed.extra)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, config=ds_config)
 
     # -------------------------------------------------------------- data
     def micro_batch(self, step: int, micro: int) -> dict:
@@ -494,6 +305,7 @@ class Trainer:
         # loss sum, aux + z, then (loss sum, targets) per kind: one all-reduce for all of it
         sums = torch.zeros(2 + len(KIND_NAMES) * 2, dtype=torch.float64)
         routing_last = None
+        logged: dict[str, float] = {}
         start = time.perf_counter()
         for micro, batch in enumerate(batches):
             # the model's randomness (patch positions within their interval) depends on the
@@ -502,13 +314,14 @@ class Trainer:
                               + (micro * d.world + d.rank) * cfg.micro_batch_size)
             if self.autocast is not None:
                 with self.autocast:
-                    out = (self.engine or model)(batch)
+                    part = self.objective(self.engine or model, batch)
             else:
-                out = (self.engine or model)(batch)
+                part = self.objective(self.engine or model, batch)
+            out = part.out
             # sum over this micro-batch's targets / targets of the whole step, x ranks because
             # data parallelism averages gradients over ranks
-            lm = out.lm_loss * targets[micro] / total_targets * d.world
-            aux = (out.aux_loss + out.z_loss) / self.accum
+            lm = part.loss * targets[micro] / total_targets * d.world
+            aux = part.aux / self.accum
             # every parameter joins the graph, so that data-parallel reductions see the same
             # gradients on every rank (the model already runs every expert group and the patch
             # block without tokens while training; this covers any parameter left out)
@@ -518,8 +331,11 @@ class Trainer:
                 self.engine.backward(loss, scale_wrt_gas=False)
             else:
                 loss.backward()
-            sums[0] += float(out.lm_loss.detach()) * float(targets[micro])
+            sums[0] += float(part.loss.detach()) * float(targets[micro])
             sums[1] += float(aux.detach())
+            for name, value in part.parts.items():
+                share = float(targets[micro] / targets.sum())  # per target, like the loss
+                logged[name] = logged.get(name, 0.0) + float(value.detach()) * share
             add_kind_losses(sums[2:].view(-1, 2), batch, out)
             routing_last = out.routing
         grad_norm = self._optimizer_step(model)
@@ -549,6 +365,7 @@ class Trainer:
                   "mfu": self._module().mfu(tps / d.world, self.peak_flops,
                                             seq_len=cfg.data.context_len)}
         record.update(kind_means(sums[2:].view(-1, 2), "loss/"))
+        record.update({f"objective/{k}": v for k, v in logged.items()})
         if routing_last:
             record.update(routing_metrics(routing_last))
         return record
@@ -662,9 +479,6 @@ class Trainer:
                 self._prefetch.close()
                 self._prefetch = None
         return last
-
-
-KIND_NAMES_INDEX = {name: int(k) for k, name in KIND_NAMES.items()}
 
 
 def _np_state_to_json() -> list:

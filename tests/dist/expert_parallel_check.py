@@ -42,6 +42,7 @@ def main(data_dir: str, out: str) -> None:
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     shard_experts(model, world)
+    model.set_uniform_graph(True)  # as moe_gato.train.parallelize does with several ranks
     batch = collate([seqs[rank]])
     ep_out = model(batch)
     n_local = batch["loss_mask"][:, 1:].sum().float()
