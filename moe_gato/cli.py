@@ -32,6 +32,8 @@ SUBCOMMANDS = {
                 "collect expert demonstrations into HF datasets on disk"),
     "train": ("moe_gato.train.cli", "add_arguments", "run",
               "train MoE-Gato (or its dense twin) on a collected suite"),
+    "distill": ("moe_gato.train.distill", "add_arguments", "run",
+                "distill a MoE teacher into a dense student (soft targets + hard labels)"),
     "eval": ("moe_gato.eval.cli", "add_arguments", "run",
              "roll a checkpoint out in the real environments and score it"),
     "bench-latency": ("moe_gato.eval.latency", "add_arguments", "run",

@@ -88,21 +88,9 @@ class Policy:
         or a training run directory, whose newest checkpoint that verifies is used. Files
         are checked against ``checksums.json`` where there is one; nothing is unpickled."""
         from moe_gato.model import load_checkpoint
-        from moe_gato.train.checkpoint import CHECKSUMS, latest_valid_checkpoint, verify_checkpoint
+        from moe_gato.train.checkpoint import model_folder
 
-        path = Path(path)
-        if (path / "model.safetensors").is_file():
-            folder = path
-            if (folder / CHECKSUMS).is_file() and (problem := verify_checkpoint(folder)):
-                raise ValueError(f"checkpoint {folder}: {problem}")
-        elif (path / "checkpoints").is_dir():
-            folder = latest_valid_checkpoint(path)
-            if folder is None:
-                raise ValueError(f"run directory {path} holds no checkpoint that verifies "
-                                 f"(see the warnings above)")
-        else:
-            raise ValueError(f"{path} is neither a checkpoint folder (model.safetensors + "
-                             f"config.yaml) nor a training run directory (checkpoints/step_*)")
+        folder = model_folder(path)
         policy = cls(load_checkpoint(folder, map_location=device), device=device, **kwargs)
         policy.checkpoint = folder
         return policy

@@ -297,3 +297,22 @@ def load_training_state(path: Path, model: torch.nn.Module,
         restore_optimizer(optimizer, opt, groups)
     restore_rng(rng, rng_meta)
     return state
+
+
+def model_folder(path: str | Path) -> Path:
+    """The model checkpoint ``path`` names: a checkpoint folder (``model.safetensors`` +
+    ``config.yaml``, checked against ``checksums.json`` where there is one) or a training
+    run directory, whose newest checkpoint that verifies is taken."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        if (path / CHECKSUMS).is_file() and (problem := verify_checkpoint(path)):
+            raise ValueError(f"checkpoint {path}: {problem}")
+        return path
+    if (path / "checkpoints").is_dir():
+        folder = latest_valid_checkpoint(path)
+        if folder is None:
+            raise ValueError(f"run directory {path} holds no checkpoint that verifies "
+                             f"(see the warnings above)")
+        return folder
+    raise ValueError(f"{path} is neither a checkpoint folder (model.safetensors + "
+                     f"config.yaml) nor a training run directory (checkpoints/step_*)")

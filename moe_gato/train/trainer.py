@@ -125,7 +125,7 @@ def check_vocabulary(model_layout, tokenizer) -> None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, data_dir: str | Path | None = None,
-                 overwrite: bool = False, objective=None):
+                 overwrite: bool = False, objective=None, init_model=None):
         from moe_gato.data.loader import SequenceLoader, default_tokenizer
 
         if not str(run_dir).strip():
@@ -143,6 +143,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = build_model(cfg.model).to(self.dist.device)
+        if init_model is not None:  # before the optimizer (and DeepSpeed's copies) exist
+            init_model(self.model)
         self.engine, self.optimizer = parallelize(self.model, cfg, self.dist, lambda m: (
             torch.optim.AdamW(param_groups(m, cfg.optim.weight_decay), lr=cfg.optim.lr,
                               betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)))
