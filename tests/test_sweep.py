@@ -151,9 +151,14 @@ def test_sweep_survives_a_killed_run_a_failing_run_and_a_rerun(tmp_path, tiny_su
 
 
 def test_a_changed_config_never_overwrites_a_finished_result(tmp_path, tiny_suite):
-    cfg = load_sweep_config(write_sweep(tmp_path, tiny_suite, budgets=[2.0e9], widths=[32]))
-    run_sweep(cfg, progress=False)
+    """(The run starts through torchrun, as in configs/sweep/tiny.yaml.)"""
+    torchrun = {"kind": "local", "runner": "torchrun", "max_parallel": 1}
+    cfg = load_sweep_config(write_sweep(tmp_path, tiny_suite, budgets=[2.0e9], widths=[32],
+                                        launcher=torchrun))
+    rows = run_sweep(cfg, progress=False)
+    assert [r["status"] for r in rows] == ["done"]
     changed = load_sweep_config(write_sweep(tmp_path, tiny_suite, budgets=[2.0e9], widths=[32],
+                                            launcher=torchrun,
                                             train_overrides=["optim.lr=0.001"]))
     with pytest.raises(ValueError, match="holds a run of another config"):
         run_sweep(changed, progress=False)
