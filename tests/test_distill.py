@@ -101,7 +101,7 @@ def test_gathered_experts_reproduce_a_teacher_whose_experts_agree():
             with torch.no_grad():
                 want, _ = t_block.ffn(x, kinds)
                 got = s_block.ffn(x)
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # fp32 sums
         assert not student.blocks[0].ffn.fc2.weight[:, 512:].any()  # extra units start inert
     # fitted on the teacher's own inputs, the student's FFNs reproduce the layers' outputs
     from moe_gato.tokenizer import GatoTokenizer, collate, pack_sequences
