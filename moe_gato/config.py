@@ -206,3 +206,14 @@ def save_config(cfg: Any, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(path)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Writes ``data`` as indented JSON atomically (temporary file, then rename), so that a
+    reader never sees half a file."""
+    import json
+
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)

@@ -15,7 +15,6 @@ modality against tokens, both models) and ``<out>/summary.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -124,10 +123,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read(run: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-
-
 def _smooth(y: np.ndarray, window: int = 25) -> np.ndarray:
     if len(y) < window:
         return y
@@ -145,11 +140,12 @@ def compare_runs(runs: dict[str, Path], out: Path) -> tuple[Path, str]:
     import yaml
 
     from moe_gato.model import build_model, load_config
+    from moe_gato.train.metrics import read_metrics
 
     fig, axes = plt.subplots(1, len(MODALITIES) + 1, figsize=(5 * (len(MODALITIES) + 1), 4))
     rows = []
     for (name, run), colour in zip(runs.items(), ("tab:red", "tab:blue", "tab:green")):
-        records = _read(run)
+        records = read_metrics(run)
         tokens = np.array([r["tokens"] for r in records])
         for ax, key in zip(axes, ("loss",) + tuple(f"loss/{m}" for m in MODALITIES)):
             sel = [i for i, r in enumerate(records) if key in r]

@@ -42,6 +42,11 @@ class FamilyConfig:
             if getattr(self, field) < 1:
                 raise ValueError(f"family.{field} must be >= 1, got {getattr(self, field)}")
 
+    def base_model(self) -> dict:
+        """The ``base`` preset's model mapping (a path, or one relative to the repository)."""
+        path = Path(self.base)
+        return load_yaml(path if path.is_file() else REPO / path)
+
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class ExpertChoice:
@@ -82,10 +87,7 @@ def model_config(family: FamilyConfig, *, d_model: int, experts: ExpertChoice,
     if d_model % family.head_dim:
         raise ValueError(f"d_model ({d_model}) must be a multiple of family.head_dim "
                          f"({family.head_dim})")
-    if base is None:
-        path = Path(family.base)
-        base = load_yaml(path if path.is_file() else REPO / path)
-    data = dict(base)
+    data = dict(family.base_model() if base is None else base)
     ffn_hidden = family.ffn_mult * d_model
     if not experts.dense and ffn_hidden % experts.G:
         raise ValueError(f"ffn_hidden {ffn_hidden} (ffn_mult x d_model) is not divisible by "

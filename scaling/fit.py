@@ -768,3 +768,14 @@ def finite_json(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+def best_law(doc: dict, *, exclude=()) -> str | None:
+    """The law of a fit document (``fit_table``) fitted with the lowest held-out RMSE of
+    log L; the first fitted one when none has a held-out error; None when none was fitted.
+    ``exclude``: laws left out of the choice."""
+    fitted = [law for law, c in doc["laws"].items() if "skipped" not in c and law not in exclude]
+    held = doc.get("held_out", {})
+    scored = [(held.get(law, {}).get("rmse_log"), law) for law in fitted]
+    scored = [(v, law) for v, law in scored if v is not None and math.isfinite(v)]
+    return min(scored)[1] if scored else (fitted[0] if fitted else None)

@@ -29,8 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scaling.fit import LAWS, finite_json, fit_table, read_results
-    from scaling.plots import plot_all
+    from scaling.fit import LAWS, fit_table, read_results
 
     if args.law != "all" and args.law not in LAWS:
         raise ValueError(f"--law: unknown law {args.law!r}; choose from {', '.join(LAWS)}, all")
@@ -39,14 +38,23 @@ def run(args: argparse.Namespace) -> int:
     table = read_results(args.results)
     doc = {"results": str(args.results), **fit_table(table, args.law, bootstrap=args.bootstrap,
                                                      seed=args.seed)}
-    out = Path(args.out)
+    out = write_fit(table, doc, args.out)
+    print(markdown(doc))
+    print(f"\nwrote {out}/fit.json, fit.md, isoflop.png, law_fit.png, frontier.png")
+    return 0
+
+
+def write_fit(table, doc: dict, out: str | Path) -> Path:
+    """``fit.json``, ``fit.md`` and the three PNGs of a fit document into ``out``."""
+    from scaling.fit import finite_json
+    from scaling.plots import plot_all
+
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fit.json").write_text(json.dumps(finite_json(doc), indent=1) + "\n")
     (out / "fit.md").write_text(markdown(doc) + "\n")
     plot_all(table, doc, out)
-    print(markdown(doc))
-    print(f"\nwrote {out}/fit.json, fit.md, isoflop.png, law_fit.png, frontier.png")
-    return 0
+    return out
 
 
 def _g(v) -> str:

@@ -110,7 +110,7 @@ def resolve_law(fit_doc: dict | None, law: str | None, coefs: dict | None
     """(law, coefficients, where they come from). ``coefs`` given: used as is; ``fit_doc``
     (a fit.json): its ``law``, or the fitted law with a data term and the lowest held-out
     error; neither: Epoch's Chinchilla fit."""
-    from scaling.fit import LAWS
+    from scaling.fit import LAWS, best_law
 
     if law is not None and law not in LAWS:
         raise ValueError(f"law: unknown law {law!r}; choose from {', '.join(LAWS)}")
@@ -132,14 +132,10 @@ def resolve_law(fit_doc: dict | None, law: str | None, coefs: dict | None
     if not isinstance(laws, dict):
         raise ValueError("fit document has no 'laws' mapping (is it a moe-gato fit.json?)")
     if law is None:
-        fitted = [name for name, c in laws.items() if "skipped" not in c and name != "clark"]
-        if not fitted:
+        law = best_law(fit_doc, exclude=("clark",))
+        if law is None:
             raise ValueError(f"fit document: no law with a data term was fitted (laws: "
                              f"{_law_states(laws)})")
-        held = fit_doc.get("held_out", {})
-        scored = [(held.get(name, {}).get("rmse_log"), name) for name in fitted]
-        scored = [(s, name) for s, name in scored if s is not None and math.isfinite(s)]
-        law = min(scored)[1] if scored else fitted[0]
     if law not in laws:
         raise ValueError(f"fit document has no law {law!r} (it has: {_law_states(laws)})")
     if "skipped" in laws[law]:
@@ -343,14 +339,6 @@ def _check(budgets, hz, mfu, headroom, zero_stages, global_batch, context) -> No
         raise ValueError(f"global_batch and context must be >= 1, got {global_batch}, {context}")
 
 
-def _base_preset(family: FamilyConfig) -> dict:
-    from moe_gato.config import load_yaml
-    from scaling.family import REPO
-
-    path = Path(family.base)
-    return load_yaml(path if path.is_file() else REPO / path)
-
-
 def build_candidates(hardware: Hardware, *, family: FamilyConfig | None = None,
                      base_model: dict | None = None, experts=None, widths=None,
                      context: int = CONTEXT, shape: str = "metaworld") -> list[Candidate]:
@@ -359,7 +347,7 @@ def build_candidates(hardware: Hardware, *, family: FamilyConfig | None = None,
     from scaling.optimum import candidates
 
     family = family or FamilyConfig()
-    return candidates(family, base_model or _base_preset(family),
+    return candidates(family, base_model or family.base_model(),
                       widths=widths or default_widths(family.head_dim),
                       experts=experts or default_experts(), context=context,
                       device=hardware.latency_device, shape=shape)
@@ -385,7 +373,7 @@ def plans(budgets, hardware: str | Hardware, *, hz: float, fit_doc: dict | None 
     if cands is None:
         cands = build_candidates(hw, family=family, base_model=base_model, experts=experts,
                                  widths=widths, context=context, shape=shape)
-    base_model = base_model or _base_preset(family)
+    base_model = base_model or family.base_model()
     pool = f"{len(cands)} family members"
     if law == "chinchilla":  # no term for experts: an MoE would count as a dense model
         cands = [c for c in cands if c.experts.dense]

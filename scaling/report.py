@@ -21,35 +21,22 @@ from pathlib import Path
 import numpy as np
 
 
-def pick_law(doc: dict) -> str:
-    """The fitted law with the lowest held-out RMSE of log L (ties: the first fitted)."""
-    fitted = [law for law, c in doc["laws"].items() if "skipped" not in c]
-    if not fitted:
-        raise ValueError("no law could be fitted to the sweep's results")
-    scored = [(doc["held_out"].get(law, {}).get("rmse_log"), law) for law in fitted]
-    scored = [(s, law) for s, law in scored if s is not None and math.isfinite(s)]
-    return min(scored)[1] if scored else fitted[0]
-
-
 def fit_sweep(cfg, rows: list[dict]) -> dict:
     """Fits, the optimum and their plots for a sweep config and its results rows."""
     from moe_gato.config import to_dict
     from moe_gato.train import load_train_config
-    from scaling.fit import finite_json, fit_table
-    from scaling.fit_cli import markdown
+    from scaling.fit import best_law, finite_json, fit_table
+    from scaling.fit_cli import write_fit
     from scaling.optimum import candidates, frontier
-    from scaling.plots import plot_all
 
     table = [r for r in rows if r["status"] == "done"]
-    out = Path(cfg.out) / "fit"
-    out.mkdir(parents=True, exist_ok=True)
     doc = {"results": str(Path(cfg.out) / "results.csv"),
            **fit_table(table, list(cfg.fit.laws), bootstrap=cfg.fit.bootstrap)}
-    (out / "fit.json").write_text(json.dumps(finite_json(doc), indent=1) + "\n")
-    (out / "fit.md").write_text(markdown(doc) + "\n")
-    plot_all(table, doc, out)
+    out = write_fit(table, doc, Path(cfg.out) / "fit")
 
-    law = pick_law(doc)
+    law = best_law(doc)
+    if law is None:
+        raise ValueError("no law could be fitted to the sweep's results")
     base = load_train_config(cfg.train, cfg.train_overrides)
     context = cfg.context_length or base.model.context_length
     head = cfg.family.head_dim

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import yaml
 
-from moe_gato.config import from_dict, load_config, to_dict
+from moe_gato.config import from_dict, load_config, to_dict, write_json
 from scaling.family import ExpertChoice, FamilyConfig, model_config
 from scaling.launch import Job, LauncherConfig, make_launcher
 
@@ -210,12 +210,6 @@ def plan_table(runs: list[PlannedRun]) -> str:
 
 
 # ------------------------------------------------------------------------------ results
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def read_result(run_dir: Path) -> dict | None:
     path = run_dir / "result.json"
     if not path.is_file():
@@ -229,10 +223,12 @@ def read_result(run_dir: Path) -> dict | None:
 
 def final_metrics(train_dir: Path) -> dict:
     """The final evaluation of a finished training run, as results columns."""
+    from moe_gato.train.metrics import read_metrics
+
     path = train_dir / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path} is missing")
-    evals = [r for r in map(json.loads, path.read_text().splitlines()) if "eval/loss" in r]
+    evals = [r for r in read_metrics(train_dir) if "eval/loss" in r]
     if not evals:
         raise ValueError(f"{path} holds no evaluation")
     last = evals[-1]
@@ -333,7 +329,7 @@ def _launch(cfg: SweepConfig, launcher, out: Path, r: PlannedRun):
     (run_dir / "train.yaml").write_text(yaml.safe_dump(r.train, sort_keys=False))
     prev = read_result(run_dir)
     attempts = (prev["attempts"] if prev else 0) + 1
-    _write_json(run_dir / "result.json", {**r.row(), "status": "running", "attempts":
+    write_json(run_dir / "result.json", {**r.row(), "status": "running", "attempts":
                                            attempts - 1, "launcher": cfg.launcher.kind})
     job = Job(name=r.name, run_dir=run_dir, procs=cfg.procs, threads=cfg.threads,
               args=["train", "--config", str(run_dir / "train.yaml"),
@@ -354,7 +350,7 @@ def _finish(cfg: SweepConfig, out: Path, r: PlannedRun, status: int, wall: float
     else:
         res.update(status="failed", error=f"exit status {status}; log tail: "
                    + _log_tail(run_dir / "launcher.log", 600).replace("\n", " | "))
-    _write_json(run_dir / "result.json", res)
+    write_json(run_dir / "result.json", res)
     return res
 
 

@@ -160,9 +160,15 @@ class SequenceLoader:
         return seq
 
     def next_batch(self, batch_size: int) -> dict:
+        batch = self.batch(self.position, batch_size)
+        self.position += batch_size
+        return batch
+
+    def batch(self, start: int, size: int) -> dict:
+        """Sequences ``[start, start + size)``, collated (the position is left alone)."""
         from moe_gato.tokenizer import collate
 
-        return collate([next(self) for _ in range(batch_size)])
+        return collate([self.sequence(i) for i in range(start, start + size)])
 
     def sequence(self, index: int, info: dict | None = None):
         """Training sequence number ``index`` (a pure function of seed, index and data).

@@ -27,12 +27,11 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, start: int):
         from moe_gato.data.loader import SequenceLoader
-        from moe_gato.tokenizer import collate
 
         if self.loader is None:
             self.loader = SequenceLoader(self.mixture, split="train", seed=self.seed,
                                          data_dir=self.data_dir)
-        return start, collate([self.loader.sequence(i) for i in range(start, start + self.size)])
+        return start, self.loader.batch(start, self.size)
 
 
 class Prefetcher:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe_gato.config import write_json
 from moe_gato.data import storage
 from moe_gato.data.loader import split_rows
 from moe_gato.envs import TASKS, SUITES, TaskSpec, make_control_task, run_episodes
@@ -268,7 +269,4 @@ def _load_result(out: Path, spec: TaskSpec, settings: dict) -> dict | None:
 
 
 def _save_result(out: Path, spec: TaskSpec, result: dict) -> None:
-    path = _result_path(out, spec)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    write_json(_result_path(out, spec), result)

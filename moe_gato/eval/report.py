@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from moe_gato.config import write_json
 from moe_gato.eval.scores import summarize
 
 DOMAIN_ORDER = ("babyai", "metaworld", "classic", "atari")
@@ -16,9 +16,7 @@ def write_report(results: dict[str, dict], out: str | Path, *, checkpoint: str) 
     other = {n: r for n, r in results.items() if r.get("kind") != "control"}
     doc = {"checkpoint": checkpoint, "tasks": dict(sorted(control.items())),
            "other": dict(sorted(other.items())), "summary": summarize(control)}
-    tmp = out / "eval.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(out / "eval.json")
+    write_json(out / "eval.json", doc)
     (out / "eval.md").write_text(markdown(doc) + "\n")
     if control:
         path = Path(checkpoint)

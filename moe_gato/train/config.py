@@ -162,7 +162,15 @@ def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str,
     """Defaults, then the YAML at ``path`` (with ``model``/``data`` preset files expanded),
     then dotted overrides."""
     data = load_yaml(path) if path is not None else {}
-    base = Path(path).parent if path is not None else None
+    return train_config_from_dict(data, Path(path).parent if path is not None else None,
+                                  overrides)
+
+
+def train_config_from_dict(data: dict, base: Path | None = None,
+                           overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """``load_train_config`` of a mapping already read; preset and mixture paths resolve
+    against ``base`` (the config file's folder), then the repository."""
+    data = dict(data)
     for key in ("model", "data"):
         value = data.get(key)
         if isinstance(value, str):

@@ -115,19 +115,25 @@ def measure_load(teacher: torch.nn.Module, batches) -> list[dict[str, torch.Tens
     return totals
 
 
+def paired_moe_layers(student: torch.nn.Module, teacher: torch.nn.Module, init: str) -> list:
+    """The teacher's MoE layers, one per student layer (the FFN initialisations need it)."""
+    from moe_gato.model.moe import ModalityRoutedMoE
+
+    moe_layers = [b.ffn for b in teacher.blocks if isinstance(b.ffn, ModalityRoutedMoE)]
+    if len(moe_layers) != len(student.blocks):
+        raise ValueError(f"the teacher has {len(moe_layers)} MoE layers and the student "
+                         f"{len(student.blocks)} layers; --init {init} needs one MoE layer "
+                         f"per student layer (moe_every: 1)")
+    return moe_layers
+
+
 @torch.no_grad()
 def gather_experts(student: torch.nn.Module, teacher: torch.nn.Module,
                    load: list[dict[str, torch.Tensor]] | None = None) -> None:
     """Each dense student FFN from its layer's experts (module docstring): uniform weights
     without ``load``, else experts weighted by their routed slots and groups by theirs."""
-    from moe_gato.model.moe import ModalityRoutedMoE
-
     G = teacher.cfg.moe.granularity
-    moe_layers = [b.ffn for b in teacher.blocks if isinstance(b.ffn, ModalityRoutedMoE)]
-    if len(moe_layers) != len(student.blocks):
-        raise ValueError(f"the teacher has {len(moe_layers)} MoE layers and the student "
-                         f"{len(student.blocks)} layers; --init copy+mean/copy+load needs "
-                         f"one MoE layer per student layer (moe_every: 1)")
+    moe_layers = paired_moe_layers(student, teacher, "copy+mean/copy+load")
     for i, (block, moe) in enumerate(zip(student.blocks, moe_layers, strict=True)):
         fc1, fc2 = block.ffn.fc1.weight, block.ffn.fc2.weight       # (F_s, D), (D, F_s)
         first = next(iter(moe.groups.values()))
@@ -167,13 +173,7 @@ def fit_experts(student: torch.nn.Module, teacher: torch.nn.Module, batches, *,
     ``batches``. Returns each layer's fraction of the output variance left unexplained."""
     import torch.nn.functional as F
 
-    from moe_gato.model.moe import ModalityRoutedMoE
-
-    moe_layers = [b.ffn for b in teacher.blocks if isinstance(b.ffn, ModalityRoutedMoE)]
-    if len(moe_layers) != len(student.blocks):
-        raise ValueError(f"the teacher has {len(moe_layers)} MoE layers and the student "
-                         f"{len(student.blocks)} layers; --init copy+fit needs one MoE layer "
-                         f"per student layer (moe_every: 1)")
+    moe_layers = paired_moe_layers(student, teacher, "copy+fit")
     seen: list[list] = [[] for _ in moe_layers]
     hooks = [m.register_forward_hook(lambda mod, args, out, i=i: seen[i].append(
         (args[0].detach().double().cpu(), out[0].detach().double().cpu(),
@@ -323,12 +323,8 @@ def run(args: argparse.Namespace) -> int:
 def student_config(config: str | Path, student: str | Path, overrides=()):
     """The training config at ``config`` with its model replaced by the ``student`` preset;
     the recipe's model options (context, value embedding, past actions) stay on top."""
-    import tempfile
-
-    import yaml
-
     from moe_gato.config import load_yaml
-    from moe_gato.train import load_train_config
+    from moe_gato.train.config import train_config_from_dict
 
     if not Path(student).is_file():
         raise ValueError(f"--student: no model preset at {student}")
@@ -337,25 +333,14 @@ def student_config(config: str | Path, student: str | Path, overrides=()):
     options = {k: v for k, v in model.items() if k != "preset"} if isinstance(model, dict) else {}
     options.pop("moe", None)
     data["model"] = {"preset": str(Path(student).resolve()), **options}
-    if isinstance(data.get("data"), str) and not Path(data["data"]).is_absolute():
-        base = Path(config).resolve().parent
-        if (base / data["data"]).is_file():
-            data["data"] = str(base / data["data"])
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(data, f)
-    try:
-        return load_train_config(f.name, list(overrides))
-    finally:
-        Path(f.name).unlink()
+    return train_config_from_dict(data, Path(config).parent, list(overrides))
 
 
 def _sequences(cfg, args, device):
     from moe_gato.data.loader import SequenceLoader
-    from moe_gato.tokenizer import collate
 
     loader = SequenceLoader(cfg.data, split="train", seed=cfg.seed + 1,
                             data_dir=args.data or cfg.data.data_dir)
     b = cfg.micro_batch_size
     for start in range(0, args.load_sequences, b):
-        batch = collate([loader.sequence(i) for i in range(start, start + b)])
-        yield {k: v.to(device) for k, v in batch.items()}
+        yield {k: v.to(device) for k, v in loader.batch(start, b).items()}

@@ -53,6 +53,12 @@ def routing_metrics(routing: list[dict]) -> dict[str, float]:
     return out
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl`` (a line cut short by a kill is left out)."""
+    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    return [r for line in text.splitlines() if (r := _parse_json(line)) is not None]
+
+
 def _parse_json(line: str) -> dict | None:
     try:
         record = json.loads(line)

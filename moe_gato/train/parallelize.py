@@ -83,9 +83,11 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def needs_uniform_graph(cfg: TrainConfig, d: Dist) -> bool:
-    """Whether every rank must build the same backward graph (module docstring)."""
-    return d.world > 1 or cfg.expert_parallel_size > 1
+def needs_uniform_graph(d: Dist) -> bool:
+    """Whether every rank must build the same backward graph (module docstring): with
+    several ranks (expert parallelism is one case: ``setup_distributed`` makes its size
+    divide the ranks)."""
+    return d.world > 1
 
 
 def parallelize(model: torch.nn.Module, cfg: TrainConfig, d: Dist,
@@ -98,7 +100,7 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, d: Dist,
         from moe_gato.train.expert_parallel import shard_experts
 
         shard_experts(model, cfg.expert_parallel_size)
-    model.set_uniform_graph(needs_uniform_graph(cfg, d))
+    model.set_uniform_graph(needs_uniform_graph(d))
     optimizer = make_optimizer(model)
     if not cfg.deepspeed.enabled:
         return None, optimizer

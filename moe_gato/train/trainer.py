@@ -177,8 +177,7 @@ class Trainer:
                     starts=plan, workers=cfg.data_workers, pin_memory=d.device.type == "cuda")
             batch = self._prefetch.take(start)
         else:
-            batch = collate([self.loader.sequence(i)
-                             for i in range(start, start + cfg.micro_batch_size)])
+            batch = self.loader.batch(start, cfg.micro_batch_size)
         return {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
 
     def _micro_start(self, step: int, micro: int) -> int:
