@@ -1,6 +1,7 @@
 """The one command line, ``moe-gato``; each subcommand is thin over importable functions.
 
     moe-gato demo                                   # the main job on the built-in default
+    moe-gato demo --quick                           # its stages on the micro configuration
     moe-gato build-text-tokenizer --vocab-size 8192 --out moe_gato/assets/text_8192.model
     moe-gato tokenize --task babyai/BabyAI-GoToLocal-v0 --steps 2
     moe-gato collect --suite default --out data/
@@ -9,6 +10,8 @@
     moe-gato sweep --config configs/sweep/tiny.yaml
     moe-gato fit --results runs/sweep/tiny/results.csv --out runs/sweep/tiny/fit
     moe-gato plan --budget 1e21 --hardware 64xH100 --hz 20 --fit runs/sweep/tiny/fit/fit.json
+    moe-gato pick --sweep configs/sweep/tiny.yaml --budget 4e13 --out runs/demo/teacher.yaml
+    moe-gato report --run runs/demo --out reports/2026-11-26
     python -m moe_gato.cli --help
 
 Nothing runs at import time; subcommands import their modules when they run.
@@ -44,6 +47,10 @@ SUBCOMMANDS = {
             "fit Chinchilla-style and MoE scaling laws to a sweep's results table"),
     "plan": ("scaling.plan", "add_arguments", "run",
              "plan a run past this machine: the law's optimum for a budget, hardware and rate"),
+    "report": ("moe_gato.report", "add_arguments", "run",
+               "write the main job's report (tables, PNG plots) from its run folder"),
+    "pick": ("scaling.pick", "add_arguments", "run",
+             "write the training config of a sweep's latency-constrained optimum for a budget"),
 }
 
 

@@ -120,7 +120,8 @@ def _exp_keys(*keys):
             return {k: float(np.exp(t) if k in keys else t) for k, t in zip(names, v, strict=True)}
 
     def to_internal(names, c):
-        return np.array([math.log(c[k]) if k in keys else c[k] for k in names], dtype=float)
+        with np.errstate(divide="ignore"):  # a coefficient fitted to 0 has log -inf
+            return np.array([np.log(c[k]) if k in keys else c[k] for k in names], dtype=float)
     return to_public, to_internal
 
 
@@ -700,8 +701,9 @@ def families(table) -> dict[str, np.ndarray]:
 def fit_table(table, laws="all", *, bootstrap: int = 0, seed: int = 0, rtol: float = 0.05) -> dict:
     """Everything ``moe-gato fit`` reports for a results table: each law's coefficients
     (with bootstrap intervals when ``bootstrap``), held-out errors, and approaches 1 and 2
-    for each (E, G) family run at several budgets. With ``laws="all"`` a law the table
-    cannot identify (e.g. joint on dense runs only) is listed as skipped, with the reason."""
+    for each (E, G) family run at several budgets. With ``laws="all"`` or a list, a law the
+    table cannot identify (e.g. joint on dense runs only, or a fit whose coefficients run
+    off to infinity) is listed as skipped, with the reason; one named law raises instead."""
     if laws == "all":
         names = LAWS
     else:
@@ -716,9 +718,15 @@ def fit_table(table, laws="all", *, bootstrap: int = 0, seed: int = 0, rtol: flo
     for law in names:
         try:
             ci = {"ci": True, "bootstrap": bootstrap, "seed": seed} if bootstrap else {}
-            doc["laws"][law] = fit_law(law, **law_inputs(law, cols), **ci)
+            coefs = fit_law(law, **law_inputs(law, cols), **ci)
+            bad = {k: v for k, v in coefs.items()
+                   if isinstance(v, float) and not math.isfinite(v)}
+            if bad:
+                raise ValueError(f"degenerate fit: {bad} (the runs do not pin the law down; "
+                                 f"more budgets or widths are needed)")
+            doc["laws"][law] = coefs
         except ValueError as exc:
-            if laws != "all":
+            if isinstance(laws, str) and laws != "all" and "," not in laws:
                 raise
             doc["laws"][law] = {"skipped": str(exc)}
     fitted = [law for law in names if "skipped" not in doc["laws"][law]]

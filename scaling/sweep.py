@@ -354,11 +354,27 @@ def _finish(cfg: SweepConfig, out: Path, r: PlannedRun, status: int, wall: float
     return res
 
 
+def fit_finished(cfg: SweepConfig) -> dict:
+    """The laws and the optimum fitted to the sweep's finished runs (``scaling.report``)."""
+    from scaling.report import fit_sweep
+
+    runs, _ = plan(cfg)
+    out = Path(cfg.out)
+    if not (out / "runs").is_dir():
+        raise ValueError(f"{out} holds no sweep runs: run `moe-gato sweep --config ...` first")
+    rows = write_table(out, runs)
+    if not any(row["status"] == "done" for row in rows):
+        raise ValueError(f"no finished run in {out}/runs: nothing to fit")
+    return fit_sweep(cfg, rows)
+
+
 # ------------------------------------------------------------------------------ CLI
 def add_arguments(p) -> None:
     p.add_argument("--config", required=True, help="configs/sweep/<name>.yaml")
     p.add_argument("--plan-only", action="store_true", help="print the grid, run nothing")
     p.add_argument("--no-fit", action="store_true", help="run the sweep, skip the fit")
+    p.add_argument("--fit-only", action="store_true",
+                   help="run nothing: fit the laws and the optimum to the finished runs")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides of the sweep config (launcher.max_parallel=2)")
 
@@ -370,6 +386,11 @@ def run(args) -> int:
         print(plan_table(runs))
         for note in notes:
             print(note)
+        return 0
+    if args.fit_only and args.no_fit:
+        raise ValueError("--fit-only and --no-fit exclude each other")
+    if args.fit_only:
+        fit_finished(cfg)
         return 0
     rows = run_sweep(cfg)
     done = [row for row in rows if row["status"] == "done"]

@@ -172,7 +172,7 @@ def test_episodes_per_task_come_from_a_collection_config(tmp_path):
     path = tmp_path / "collect.yaml"
     path.write_text("episodes:\n  classic/CartPole-v1: 2\n  classic/MountainCar-v0: 3\n")
     opts = load_collect_config(path)
-    assert opts["return_episodes"] == 20
+    assert opts["return_episodes"] == 20 and opts.pop("tasks") is None
     opts["return_episodes"] = 2
     m = collect(opts.pop("suite"), tmp_path / "data", tasks=["classic/CartPole-v1",
                                                               "classic/MountainCar-v0"],
@@ -182,7 +182,10 @@ def test_episodes_per_task_come_from_a_collection_config(tmp_path):
     for text, match in [("episodes:\n  classic/CartPol-v1: 2\n", "unknown task.*CartPol-v1"),
                         ("episodes:\n  classic/CartPole-v1: 0\n", "CartPole-v1 must be an integer >= 1"),
                         ("episodes: 5\n", "episodes must map task names"),
-                        ("rows: 5\n", r"unknown key\(s\) \['rows'\]")]:
+                        ("rows: 5\n", r"unknown key\(s\) \['rows'\]"),
+                        ("tasks: classic/CartPole-v1\n", "tasks must be a non-empty list"),
+                        ("tasks: []\n", "tasks must be a non-empty list"),
+                        ("tasks: [classic/CartPol-v1]\n", "unknown task")]:
         path.write_text(text)
         with pytest.raises(ValueError, match=match):
             load_collect_config(path)

@@ -28,7 +28,8 @@ def collect_options(config: str | None, suite: str | None = None, episodes: int 
     from moe_gato.data.collect import load_collect_config
 
     path = config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
-    opts = load_collect_config(path) if path else {"suite": "default", "seed": 0, "episodes": None}
+    opts = load_collect_config(path) if path else {"suite": "default", "seed": 0, "episodes": None,
+                                                   "tasks": None}
     if suite is not None:
         opts["suite"] = suite
     if episodes is not None:
@@ -72,6 +73,8 @@ def run_collect(args: argparse.Namespace) -> int:
             raise ValueError(f"--tasks {args.tasks!r} names no task; leave it out to collect "
                              f"the whole suite")
         opts = collect_options(args.config, args.suite, args.episodes, args.seed)
+        names = names if names is not None else opts.pop("tasks")
+        opts.pop("tasks", None)
         specs = resolve_tasks(opts["suite"], names)
         if args.list:
             for s in specs:

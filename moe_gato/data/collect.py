@@ -178,21 +178,31 @@ def check_episodes(episodes: int | Mapping[str, int] | None, suite: str = "defau
 
 
 def load_collect_config(path: str | Path) -> dict:
-    """A collection config (``configs/collect/*.yaml``): ``suite``, ``seed`` and
-    ``episodes`` (task -> rows stored). Returns the keyword arguments of ``collect``."""
+    """A collection config (``configs/collect/*.yaml``): ``suite``, ``seed``, ``episodes``
+    (task -> rows stored) and optionally ``tasks`` (a list: only these tasks of the suite).
+    Returns the keyword arguments of ``collect``."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"collection config {path} does not exist")
     raw = yaml.safe_load(path.read_text()) or {}
-    allowed = {"suite", "seed", "episodes", "return_episodes"}
+    allowed = {"suite", "seed", "episodes", "return_episodes", "tasks"}
     if not isinstance(raw, dict) or set(raw) - allowed:
         extra = sorted(set(raw) - allowed) if isinstance(raw, dict) else raw
         raise ValueError(f"{path}: unknown key(s) {extra}; allowed: {sorted(allowed)}")
     out = {"suite": raw.get("suite", "default"), "seed": int(raw.get("seed", 0)),
            "episodes": raw.get("episodes") or None,
-           "return_episodes": int(raw.get("return_episodes", RETURN_EPISODES))}
+           "return_episodes": int(raw.get("return_episodes", RETURN_EPISODES)),
+           "tasks": raw.get("tasks")}
+    if out["tasks"] is not None and (not isinstance(out["tasks"], list) or not out["tasks"]):
+        raise ValueError(f"{path}: tasks must be a non-empty list of task names (or left out "
+                         f"for the whole suite), got {out['tasks']!r}")
+    if out["tasks"] is not None:
+        try:
+            resolve_tasks(out["suite"], out["tasks"])
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     if out["episodes"] is not None and not isinstance(out["episodes"], dict):
         raise ValueError(f"{path}: episodes must map task names to counts, got "
                          f"{out['episodes']!r}")

@@ -257,22 +257,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides of the training config (tokens=1152000)")
 
 
-def settings(args) -> dict:
-    return {"teacher": str(Path(args.teacher).resolve()), "student": str(args.student),
-            "alpha": args.alpha, "temperature": args.temperature, "init": args.init}
-
-
 def run(args: argparse.Namespace) -> int:
+    distill(teacher=args.teacher, student=args.student, config=args.config, out=args.out,
+            data=args.data, alpha=args.alpha, temperature=args.temperature, init=args.init,
+            load_sequences=args.load_sequences, overrides=args.overrides,
+            overwrite=args.overwrite)
+    return 0
+
+
+def distill(*, teacher: str | Path, student: str | Path, config: str | Path, out: str | Path,
+            data: str | Path | None = None, alpha: float = 0.75, temperature: float = 1.0,
+            init: str = "copy+fit", load_sequences: int = 64, overrides=(),
+            overwrite: bool = False) -> dict:
+    """Distils ``teacher`` (a run directory or checkpoint folder) into the dense ``student``
+    preset trained with ``config``; returns the last logged record ({} when the run had
+    already reached its budget)."""
     from moe_gato.train import Trainer
 
-    cfg = student_config(args.config, args.student, args.overrides)
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if load_sequences < 1:
+        raise ValueError(f"load_sequences must be >= 1, got {load_sequences}")
+    cfg = student_config(config, student, overrides)
     if cfg.model.ffn != "dense":
         raise ValueError(f"--student must be a dense model (ffn: dense), got ffn: "
-                         f"{cfg.model.ffn} from {args.student}")
-    out = Path(args.out)
-    record = settings(args)
+                         f"{cfg.model.ffn} from {student}")
+    out = Path(out)
+    record = {"teacher": str(Path(teacher).resolve()), "student": str(student),
+              "alpha": alpha, "temperature": temperature, "init": init}
     saved = out / "distill.json"
-    if saved.is_file() and not args.overwrite:
+    if saved.is_file() and not overwrite:
         before = json.loads(saved.read_text())
         changed = {k: (before.get(k), v) for k, v in record.items() if before.get(k) != v}
         if changed:
@@ -280,34 +294,35 @@ def run(args: argparse.Namespace) -> int:
                              f"(before, now); use another --out or --overwrite")
     device = "cuda" if cfg.device == "cuda" or (
         cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    teacher, folder = load_teacher(args.teacher, device)
-    if teacher.cfg.layout != cfg.model.layout:
-        raise ValueError(f"teacher and student vocabularies differ ({teacher.cfg.layout} vs "
-                         f"{cfg.model.layout}): the KL needs one token space")
-    if teacher.cfg.context_length < cfg.model.context_length:
-        raise ValueError(f"the teacher's context ({teacher.cfg.context_length}) is shorter "
-                         f"than the student's ({cfg.model.context_length})")
+    teacher_model, folder = load_teacher(teacher, device)
+    if teacher_model.cfg.layout != cfg.model.layout:
+        raise ValueError(f"teacher and student vocabularies differ ({teacher_model.cfg.layout} "
+                         f"vs {cfg.model.layout}): the KL needs one token space")
+    if teacher_model.cfg.context_length < cfg.model.context_length:
+        raise ValueError(f"the teacher's context ({teacher_model.cfg.context_length}) is "
+                         f"shorter than the student's ({cfg.model.context_length})")
 
-    def init(student: torch.nn.Module) -> None:
-        if args.init == "none":
+    def sequences():
+        return _sequences(cfg, data, load_sequences, device)
+
+    def initialise(model: torch.nn.Module) -> None:
+        if init == "none":
             return
-        copy_shared_weights(student, teacher)
-        if args.init == "copy":
+        copy_shared_weights(model, teacher_model)
+        if init == "copy":
             return
-        if args.init == "copy+fit":
-            left = fit_experts(student, teacher, _sequences(cfg, args, device))
+        if init == "copy+fit":
+            left = fit_experts(model, teacher_model, sequences())
             print("copy+fit: output variance unexplained per layer: "
                   + ", ".join(f"{v:.3f}" for v in left), flush=True)
             return
-        load = None
-        if args.init == "copy+load":
-            load = measure_load(teacher, _sequences(cfg, args, device))
-        gather_experts(student, teacher, load)
+        load = measure_load(teacher_model, sequences()) if init == "copy+load" else None
+        gather_experts(model, teacher_model, load)
 
-    trainer = Trainer(cfg, out, data_dir=args.data, overwrite=args.overwrite,
-                      objective=DistillationLoss(teacher, alpha=args.alpha,
-                                                 temperature=args.temperature),
-                      init_model=init)
+    trainer = Trainer(cfg, out, data_dir=data, overwrite=overwrite,
+                      objective=DistillationLoss(teacher_model, alpha=alpha,
+                                                 temperature=temperature),
+                      init_model=initialise)
     out.mkdir(parents=True, exist_ok=True)
     if trainer.dist.main:
         saved.write_text(json.dumps({**record, "teacher_checkpoint": str(folder)}, indent=1)
@@ -317,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"step {last['step']}: loss {last['loss']:.4f} (ce {last['objective/ce']:.4f}, "
               f"kl {last['objective/kl']:.4f})" + (f", eval/loss {last['eval/loss']:.4f}"
                                                   if "eval/loss" in last else ""))
-    return 0
+    return last
 
 
 def student_config(config: str | Path, student: str | Path, overrides=()):
@@ -336,11 +351,11 @@ def student_config(config: str | Path, student: str | Path, overrides=()):
     return train_config_from_dict(data, Path(config).parent, list(overrides))
 
 
-def _sequences(cfg, args, device):
+def _sequences(cfg, data, count: int, device):
     from moe_gato.data.loader import SequenceLoader
 
     loader = SequenceLoader(cfg.data, split="train", seed=cfg.seed + 1,
-                            data_dir=args.data or cfg.data.data_dir)
+                            data_dir=data or cfg.data.data_dir)
     b = cfg.micro_batch_size
-    for start in range(0, args.load_sequences, b):
+    for start in range(0, count, b):
         yield {k: v.to(device) for k, v in loader.batch(start, b).items()}

@@ -1,0 +1,332 @@
+"""The main job's report: ``report.md`` with its tables and PNG plots, from a pipeline's
+run folder (``moe_gato.pipeline``).
+
+    moe-gato report --run runs/demo --out reports/2026-11-26
+
+Reads ``<run>/pipeline.yaml`` and ``stages.json``, the sweep's results and fit
+(``sweep/results.jsonl``, ``sweep/fit/``), the pick (``pick.json``), the three training runs
+(``teacher``, ``student``, ``scratch``: ``metrics.jsonl``, ``config.yaml``), their
+evaluations (``eval/<model>/eval.json``) and control-loop timings (``latency/<model>.json``).
+Writes ``report.md``, ``summary.json`` (every number of the tables) and the figures:
+``summary.png`` (the main figure), ``isoflop_law.png``, ``law_fit.png``,
+``latency_frontier.png``, ``loss_curves.png``, ``expert_load.png``, ``scores.png`` and
+``latency.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from moe_gato.config import write_json
+from moe_gato.report import figures
+from moe_gato.report.numbers import (domain_scores, expert_load, family_latency,
+                                     final_losses, mean_score, model_numbers, retained)
+
+MODELS = ("teacher", "student", "scratch")
+LABELS = {"teacher": "MoE teacher", "student": "distilled dense student",
+          "scratch": "dense, from scratch"}
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: run the stage that writes it first "
+                         f"(moe-gato demo --stage ...)")
+    return json.loads(path.read_text())
+
+
+def gather(run: Path) -> dict:
+    """Every number the report shows, from the pipeline's run folder."""
+    from scaling.fit import best_law
+
+    run = Path(run)
+    if not (run / "pipeline.yaml").is_file():
+        raise ValueError(f"{run} is not a pipeline run folder (no pipeline.yaml); pass the "
+                         f"--out of `moe-gato demo`")
+    cfg = yaml.safe_load((run / "pipeline.yaml").read_text())
+    fit = _read_json(run / "sweep" / "fit" / "fit.json")
+    doc = {"config": cfg, "stages": _read_json(run / "stages.json"),
+           "sweep": [json.loads(line) for line in
+                     (run / "sweep" / "results.jsonl").read_text().splitlines() if line],
+           "fit": fit, "law": best_law(fit), "pick": _read_json(run / "pick.json"),
+           "models": {}}
+    doc["pick"].pop("train", None)
+    doc["family_latency"] = family_latency(cfg, doc["pick"])
+    for name in MODELS:
+        evals = _read_json(run / "eval" / name / "eval.json")
+        m = model_numbers(run / name)
+        m.update(final_losses(run / name), scores=mean_score(evals["tasks"]),
+                 domains=domain_scores(evals["tasks"]),
+                 tasks={t: {k: r[k] for k in ("domain", "episodes", "normalized_score",
+                                              "normalized_ci95", "success_rate", "return_mean")}
+                        for t, r in evals["tasks"].items()})
+        lat = run / "latency" / f"{name}.json"
+        if lat.is_file():
+            m["latency"] = {k: v for k, v in json.loads(lat.read_text()).items()
+                            if k != "times_ms"}
+        doc["models"][name] = m
+    teacher_cfg = yaml.safe_load((run / "teacher" / "config.yaml").read_text())["model"]
+    if teacher_cfg.get("ffn") == "moe":
+        doc["expert_load"] = expert_load(run / "teacher")
+    t, s, c = (doc["models"][k] for k in MODELS)
+    doc["retained"] = {"val_loss": retained(c["val_loss"], s["val_loss"], t["val_loss"],
+                                            lower_is_better=True),
+                       "score": retained(c["scores"]["mean"], s["scores"]["mean"],
+                                         t["scores"]["mean"], lower_is_better=False)}
+    lo, hi = sorted((t["val_loss"], c["val_loss"]))
+    doc["student_between"] = bool(lo <= s["val_loss"] <= hi)
+    return doc
+
+
+def write_report(run: str | Path, out: str | Path) -> Path:
+    """Writes ``out/report.md`` with its figures and ``summary.json``; returns the path."""
+    run, out = Path(run), Path(out)
+    doc = gather(run)
+    doc["commands"] = stage_commands(doc["config"], out)
+    out.mkdir(parents=True, exist_ok=True)
+    fit_dir = run / "sweep" / "fit"
+    for png in ("law_fit.png", "latency_frontier.png"):
+        if (fit_dir / png).is_file():
+            shutil.copyfile(fit_dir / png, out / png)
+    figures.isoflop_law(doc, out / "isoflop_law.png")
+    figures.loss_curves({m: run / m for m in MODELS}, LABELS, out / "loss_curves.png")
+    if "expert_load" in doc:
+        figures.expert_load(doc["expert_load"], out / "expert_load.png")
+    figures.scores(doc, LABELS, out / "scores.png")
+    figures.latency(doc, out / "latency.png")
+    figures.summary(doc, {m: run / m for m in MODELS}, LABELS, out / "summary.png")
+    write_json(out / "summary.json", _finite(doc))
+    (out / "report.md").write_text(markdown(doc, run) + "\n")
+    print(f"wrote {out / 'report.md'} with summary.json and the figures")
+    return out / "report.md"
+
+
+def stage_commands(cfg: dict, report: Path) -> dict[str, list[str]]:
+    """The ``moe-gato`` command(s) that rerun each stage alone."""
+    from moe_gato.config import from_dict
+    from moe_gato.pipeline import STAGES, Paths, PipelineConfig
+
+    paths = Paths(from_dict(PipelineConfig, cfg), report)
+    return {s.name: [shlex.join(c) for c in s.command(paths)] for s in STAGES}
+
+
+# ---------------------------------------------------------------------------- markdown
+def _dur(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def _f(v, fmt: str = ".3f") -> str:
+    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:{fmt}}"
+
+
+def _pct(v) -> str:
+    return "undefined" if v is None else f"{100 * v:.0f}%"
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
+
+
+def main_table(doc: dict) -> str:
+    lines = ["| model | shape | active / total params | tokens | validation loss | "
+             "mean normalized score (95% CI) | >= 50% / >= 80% of expert | control step p50 |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for name in MODELS:
+        m = doc["models"][name]
+        lat = m.get("latency")
+        lat_s = f"{lat['p50_ms']:.1f} ms ({lat['hz_p50']:.0f} Hz)" if lat else "(student's shape)"
+        sc = m["scores"]
+        lines.append(f"| {LABELS[name]} | {m['shape']} | {m['N_active'] / 1e6:.2f}M / "
+                     f"{m['N_total'] / 1e6:.2f}M | {m['tokens']:,} | {_f(m['val_loss'])} | "
+                     f"{_f(sc['mean'], '.2f')} ± {_f(sc['ci95'], '.2f')} | "
+                     f"{sc['at_50']} / {sc['at_80']} of {sc['tasks']} | {lat_s} |")
+    return "\n".join(lines)
+
+
+def distillation_table(doc: dict) -> str:
+    t, s, c = (doc["models"][k] for k in MODELS)
+    r = doc["retained"]
+    lines = ["| | teacher | student | scratch | teacher's gain retained (scratch - student) / "
+             "(scratch - teacher) |", "|---|---:|---:|---:|---:|",
+             f"| validation loss | {_f(t['val_loss'])} | {_f(s['val_loss'])} | "
+             f"{_f(c['val_loss'])} | {_pct(r['val_loss'])} |",
+             f"| mean normalized score | {_f(t['scores']['mean'], '.2f')} | "
+             f"{_f(s['scores']['mean'], '.2f')} | {_f(c['scores']['mean'], '.2f')} | "
+             f"{_pct(r['score'])} |"]
+    if t.get("latency") and s.get("latency"):
+        tl, sl = t["latency"], s["latency"]
+        lines.append(f"| control step p50 / p99 (ms) | {tl['p50_ms']:.1f} / {tl['p99_ms']:.1f} | "
+                     f"{sl['p50_ms']:.1f} / {sl['p99_ms']:.1f} | | student {tl['p50_ms'] / sl['p50_ms']:.2f}x "
+                     f"faster at the median |")
+    return "\n".join(lines)
+
+
+def markdown(doc: dict, run: Path) -> str:
+    cfg, pick = doc["config"], doc["pick"]
+    t, s, c = (doc["models"][k] for k in MODELS)
+    between = ("lies between" if doc["student_between"] else "does **not** lie between")
+    stages = doc["stages"]
+    total = sum(v.get("wall_s", 0) for v in stages.values())
+    out = [f"# MoE-Gato main job: {cfg['name']} ({date.today().isoformat()})", "",
+           f"Run folder `{run}`; machine: {machine()}. Every stage below reruns alone with the "
+           f"command in its row; `moe-gato demo` reruns skip finished stages.", "",
+           "## Summary", "", main_table(doc), "",
+           f"The distilled student's validation loss ({_f(s['val_loss'])}) {between} the "
+           f"scratch model's ({_f(c['val_loss'])}) and the teacher's ({_f(t['val_loss'])}). "
+           f"Retained share of the teacher's gain over the scratch model: "
+           f"{_pct(doc['retained']['val_loss'])} of the validation loss, "
+           f"{_pct(doc['retained']['score'])} of the mean normalized score "
+           f"(undefined where the teacher does not beat the scratch model).", "",
+           "![main figure](summary.png)", "",
+           "## Stages", "", "| stage | wall time | status | alone |", "|---|---:|---|---|"]
+    for name, v in stages.items():
+        cmds = "<br>".join(f"`{c}`" for c in doc.get("commands", {}).get(name, []))
+        out.append(f"| {name} | {_dur(v.get('wall_s', v.get('spent_s', 0)))} | "
+                   f"{v['status']} | {cmds} |")
+    out += [f"| **all** | **{_dur(total)}** | | |", "",
+            "## 1. IsoFLOP sweep and the fitted laws", "",
+            _sweep_table(doc), "", _law_table(doc), "",
+            "![IsoFLOP curves and the fitted law](isoflop_law.png)", "",
+            "![predicted against measured loss](law_fit.png)", "",
+            "## 2. The teacher: the best MoE that meets the control rate", "",
+            f"Budget C = {pick['budget']:.3g} FLOPs, the {pick['law']} law, >= {pick['hz']:g} Hz "
+            f"batch 1 on `{pick['device']}` ({pick['shape']} observations) at context "
+            f"{pick['context']} (the law was fitted at the sweep's context).", "",
+            _pick_table(pick), "",
+            "![frontier: loss and control rate of the optimum per budget](latency_frontier.png)",
+            "", "## 3. Training", "", _loss_table(doc), "",
+            "![loss curves](loss_curves.png)", ""]
+    if "expert_load" in doc:
+        out += ["Expert load of the teacher (share of a group's routed tokens per expert x "
+                "experts, 1 = balanced; mean over the last fifth of training):", "",
+                "![expert load per modality group over layers](expert_load.png)", "",
+                _load_table(doc["expert_load"]), ""]
+    out += ["## 4. Distillation", "",
+            f"Student: the teacher's dense twin ({s['shape']}), {s['tokens']:,} tokens, "
+            f"init `{cfg['student']['init']}`, alpha {cfg['student']['alpha']}, T "
+            f"{cfg['student']['temperature']}; the scratch model has its shape and tokens.", "",
+            distillation_table(doc), "",
+            "## 5. Scores in the environments", "",
+            f"{cfg['eval']['episodes']} rollouts per task, greedy; expert-normalized "
+            f"(0 = random, 1 = expert); intervals are 95% (per domain: from the tasks' "
+            f"intervals).", "", _domain_table(doc), "", _task_table(doc), "",
+            "![scores per domain](scores.png)", "",
+            "## 6. Control latency", "",
+            "Measured batch-1 control steps (KV cache on, context full) against the latency "
+            "model's prediction for the sweep's family:", "",
+            "![latency against active parameters](latency.png)", ""]
+    return "\n".join(out)
+
+
+def _sweep_table(doc: dict) -> str:
+    lines = ["| run | N active | E | D (tokens) | C (FLOPs) | validation loss | status |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(doc["sweep"], key=lambda r: (r["budget"], r["E"], r["N_active"])):
+        lines.append(f"| {r['name']} | {r['N_active'] / 1e6:.2f}M | {r['E']:g} | {r['D']:,} | "
+                     f"{r['C']:.2e} | {_f(r.get('loss'))} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def _law_table(doc: dict) -> str:
+    fit = doc["fit"]
+    lines = ["| law | fitted | held-out mean abs. relative error | used |", "|---|---|---:|---|"]
+    for law, c in fit["laws"].items():
+        held = fit.get("held_out", {}).get(law, {})
+        err = f"{100 * held['mean_abs_rel']:.2f}%" if "mean_abs_rel" in held else \
+            held.get("error", "—")
+        lines.append(f"| {law} | {'no: ' + c['skipped'] if 'skipped' in c else 'yes'} | "
+                     f"{err} | {'yes' if law == doc['law'] else ''} |")
+    return "\n".join(lines)
+
+
+def _pick_table(pick: dict) -> str:
+    lines = ["| | model | layers | N active | N total | D (tokens) | predicted loss | "
+             "predicted rate |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for label, row in (("picked (>= rate, MoE)", pick["pick"]), ("compute-optimal, any rate",
+                                                                  pick["free"])):
+        if row:
+            lines.append(f"| {label} | {row['model']} | {row['num_layers']} | "
+                         f"{row['N_active'] / 1e6:.2f}M | {row['N_total'] / 1e6:.2f}M | "
+                         f"{row['D']:.3g} | {row['loss']:.3f} | {row['hz']:.0f} Hz |")
+    return "\n".join(lines)
+
+
+def _loss_table(doc: dict) -> str:
+    kinds = ("text", "discrete_action", "continuous_action")
+    lines = ["| model | tokens | wall | validation loss | " + " | ".join(kinds) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(kinds)]
+    for name in MODELS:
+        m = doc["models"][name]
+        lines.append(f"| {LABELS[name]} | {m['tokens']:,} | {_dur(m['wall_s'])} | "
+                     f"{_f(m['val_loss'])} | "
+                     + " | ".join(_f(m["val_kinds"].get(k)) for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+def _load_table(load: dict) -> str:
+    lines = ["| group | max load (layer) | min load (layer) |", "|---|---:|---:|"]
+    for group, mat in load["groups"].items():
+        a = np.asarray(mat)
+        hi, lo = np.unravel_index(a.argmax(), a.shape), np.unravel_index(a.argmin(), a.shape)
+        lines.append(f"| {group} | {a.max():.2f} ({hi[0]}) | {a.min():.2f} ({lo[0]}) |")
+    return "\n".join(lines)
+
+
+def _domain_table(doc: dict) -> str:
+    domains = sorted({d for m in doc["models"].values() for d in m["domains"]})
+    lines = ["| model | " + " | ".join(domains) + " | all |",
+             "|---|" + "---:|" * (len(domains) + 1)]
+    for name in MODELS:
+        m = doc["models"][name]
+        cells = [f"{m['domains'][d]['mean']:.2f} ± {m['domains'][d]['ci95']:.2f}"
+                 if d in m["domains"] else "—" for d in domains]
+        lines.append(f"| {LABELS[name]} | " + " | ".join(cells) +
+                     f" | {m['scores']['mean']:.2f} ± {m['scores']['ci95']:.2f} |")
+    return "\n".join(lines)
+
+
+def _task_table(doc: dict) -> str:
+    tasks = sorted(doc["models"]["teacher"]["tasks"])
+    lines = ["| task | " + " | ".join(LABELS[m] for m in MODELS) + " |",
+             "|---|" + "---:|" * len(MODELS)]
+    for task in tasks:
+        cells = []
+        for name in MODELS:
+            r = doc["models"][name]["tasks"].get(task)
+            cells.append("—" if r is None else
+                         f"{r['normalized_score']:.2f} ± {r['normalized_ci95']:.2f}")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _finite(v):
+    if isinstance(v, dict):
+        return {str(k): _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", default="runs/demo", help="the pipeline's run folder (its --out)")
+    p.add_argument("--out", default=None, help="report folder (default: reports/<today>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    write_report(args.run, args.out or Path("reports") / date.today().isoformat())
+    return 0
