@@ -6,7 +6,7 @@
     moe-gato tokenize --task babyai/BabyAI-GoToLocal-v0 --steps 2
     moe-gato collect --suite default --out data/
     moe-gato train --config configs/train/tiny-moe.yaml --data data --out runs/tiny-moe
-    moe-gato eval --checkpoint runs/demo/tiny-moe --tasks default --episodes 20 --out runs/demo/eval
+    moe-gato eval --checkpoint runs/demo/teacher --tasks default --episodes 20 --out runs/demo/eval-all
     moe-gato sweep --config configs/sweep/tiny.yaml
     moe-gato fit --results runs/sweep/tiny/results.csv --out runs/sweep/tiny/fit
     moe-gato plan --budget 1e21 --hardware 64xH100 --hz 20 --fit runs/sweep/tiny/fit/fit.json

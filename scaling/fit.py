@@ -120,8 +120,10 @@ def _exp_keys(*keys):
             return {k: float(np.exp(t) if k in keys else t) for k, t in zip(names, v, strict=True)}
 
     def to_internal(names, c):
-        with np.errstate(divide="ignore"):  # a coefficient fitted to 0 has log -inf
-            return np.array([np.log(c[k]) if k in keys else c[k] for k in names], dtype=float)
+        # a coefficient fitted to 0 (an underflow) maps to log 1e-300, not -inf: -inf x 0
+        # would turn the law's other terms into nan
+        return np.array([math.log(max(c[k], 1e-300)) if k in keys else c[k] for k in names],
+                        dtype=float)
     return to_public, to_internal
 
 

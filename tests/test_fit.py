@@ -245,3 +245,32 @@ def test_fit_cli_imports_without_side_effects():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_degenerate_fit_is_skipped_in_a_list_and_raised_alone(monkeypatch):
+    """Runs that do not pin a law down (coefficients off to infinity) leave it out of a
+    sweep's fit, with the reason; asked for alone it is an error. A coefficient fitted to
+    0 still predicts (its log is -inf inside)."""
+    import scaling.fit as F
+
+    d = _synthetic("chinchilla", budgets=(1e17, 1e18))
+    table = [{"N_active": n, "D": dd, "C": 6 * n * dd, "E": 1.0, "G": 1.0, "loss": l,
+              "budget": round(6 * n * dd, -16)} for n, dd, l in zip(d["N"], d["D"], d["L"],
+                                                                    strict=True)]
+    real = F.fit_law
+
+    def runaway(law, **kw):
+        return {**real(law, **kw), "A": float("inf")} if law == "chinchilla" else real(law, **kw)
+
+    monkeypatch.setattr(F, "fit_law", runaway)
+    doc = F.fit_table(table, ["chinchilla"])
+    assert "degenerate fit: {'A': inf}" in doc["laws"]["chinchilla"]["skipped"]
+    assert doc["held_out"] == {} and F.best_law(doc) is None
+    monkeypatch.setattr(F, "fit_law", real)
+    assert "skipped" not in F.fit_table(table, ["chinchilla"])["laws"]["chinchilla"]
+    monkeypatch.setattr(F, "fit_law", runaway)
+    with pytest.raises(ValueError, match="degenerate fit"):
+        F.fit_table(table, "chinchilla")
+    zero = {**HOFFMANN, "E": 0.0}
+    assert predict("chinchilla", zero, N=[1e8], D=[1e9]) == pytest.approx(
+        predict("chinchilla", HOFFMANN, N=[1e8], D=[1e9]) - HOFFMANN["E"])

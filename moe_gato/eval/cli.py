@@ -1,7 +1,7 @@
 """``moe-gato eval``: a checkpoint's rollouts in the real environments, scored.
 
-    moe-gato eval --checkpoint runs/demo/tiny-moe --tasks default --episodes 20 --out runs/demo/eval
-    moe-gato eval --checkpoint runs/demo/tiny-moe/checkpoints/step_00001000 \\
+    moe-gato eval --checkpoint runs/demo/teacher --tasks default --episodes 20 --out runs/demo/eval-all
+    moe-gato eval --checkpoint runs/demo/teacher/checkpoints/step_00000500 \\
         --tasks classic/CartPole-v1,babyai/BabyAI-GoToRedBall-v0 --episodes 50 --prompt
 
 Writes ``OUT/eval.json``, ``OUT/eval.md`` (a table) and ``OUT/eval.png``; running the same

@@ -1,6 +1,6 @@
 """Evaluation of a checkpoint in the real environments, and on held-out captions and text.
 
-    result = evaluate("runs/demo/tiny-moe", data_dir="data", out="runs/demo/eval",
+    result = evaluate("runs/demo/teacher", data_dir="data", out="runs/demo/eval",
                       cfg=EvalConfig(episodes=20))
 
 Control tasks: ``episodes`` rollouts per task (``batch_size`` environments stepped together,

@@ -1,7 +1,7 @@
 """Control-step latency: how fast a model acts in a robot loop, and a latency model of it.
 
     moe-gato bench-latency --preset configs/model/tiny-moe.yaml --shape metaworld --steps 200
-    moe-gato bench-latency --checkpoint runs/demo/tiny-moe --shape babyai --recompute
+    moe-gato bench-latency --checkpoint runs/demo/teacher --shape babyai --recompute
     python benchmarks/bench_latency.py      # every preset, interleaved; RESULTS.md + the model
 
     result = measure_control_latency(model_or_policy, shape="metaworld", steps=200)

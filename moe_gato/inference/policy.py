@@ -1,6 +1,6 @@
 """``Policy``: a trained MoE-Gato acting in a control loop, one forward pass per token.
 
-    policy = Policy.from_checkpoint("runs/demo/tiny-moe", device="cpu")
+    policy = Policy.from_checkpoint("runs/demo/teacher", device="cpu")
     policy.reset(task.info, prompt=demo_episode)       # per episode (prompt optional)
     action = policy.act(task.observe(raw_obs))          # per step: an env action
 

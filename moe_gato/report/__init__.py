@@ -189,10 +189,12 @@ def markdown(doc: dict, run: Path) -> str:
            f"(undefined where the teacher does not beat the scratch model).", "",
            "![main figure](summary.png)", "",
            "## Stages", "", "| stage | wall time | status | alone |", "|---|---:|---|---|"]
-    for name, v in stages.items():
-        cmds = "<br>".join(f"`{c}`" for c in doc.get("commands", {}).get(name, []))
-        out.append(f"| {name} | {_dur(v.get('wall_s', v.get('spent_s', 0)))} | "
-                   f"{v['status']} | {cmds} |")
+    for name, cmds in doc["commands"].items():
+        v = stages.get(name, {"status": "this report" if name == "report" else "not run"})
+        wall = v.get("wall_s", v.get("spent_s"))
+        cmds = "<br>".join(f"`{c}`" for c in cmds)
+        out.append(f"| {name} | {'—' if wall is None else _dur(wall)} | {v['status']} | "
+                   f"{cmds} |")
     out += [f"| **all** | **{_dur(total)}** | | |", "",
             "## 1. IsoFLOP sweep and the fitted laws", "",
             _sweep_table(doc), "", _law_table(doc), "",
