@@ -66,8 +66,12 @@ class EvalStage:
     tasks: list[str]
     episodes: int = 20
     max_steps: int | None = None
+    #: models rolled out at once, one process (and one thread) each
+    workers: int = 2
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"eval.workers must be >= 1, got {self.workers}")
         if not self.tasks:
             raise ValueError("eval.tasks must name at least one control task")
         if self.episodes < 2:

@@ -146,14 +146,38 @@ def run_distill(p: Paths) -> None:
             init=s.init, load_sequences=s.load_sequences)
 
 
-def run_eval(p: Paths) -> None:
+def _evaluate(run: str, data: str, out: str, tasks: list[str], episodes: int,
+              max_steps: int | None) -> str:
     from moe_gato.eval.evaluate import EvalConfig, evaluate
 
+    evaluate(run, data_dir=data, out=out, tasks=tasks, progress=False,
+             cfg=EvalConfig(episodes=episodes, max_steps=max_steps))
+    return out
+
+
+def run_eval(p: Paths) -> None:
+    """The three models' rollouts, ``eval.workers`` models at once: a rollout steps its
+    environments and a batch-1 model on one thread, so two processes fill two cores."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    from tqdm import tqdm
+
     e = p.cfg.eval
-    for model in MODELS:
-        print(f"eval: {model}", flush=True)
-        evaluate(p.run(model), data_dir=p.data, out=p.eval(model), tasks=list(e.tasks),
-                 cfg=EvalConfig(episodes=e.episodes, max_steps=e.max_steps))
+    with ProcessPoolExecutor(max_workers=min(e.workers, len(MODELS)),
+                             mp_context=mp.get_context("spawn")) as pool:
+        pending = {pool.submit(_evaluate, str(p.run(m)), str(p.data), str(p.eval(m)),
+                               list(e.tasks), e.episodes, e.max_steps) for m in MODELS}
+        bar = tqdm(total=len(MODELS) * len(e.tasks), unit="task",
+                   desc=f"eval {'/'.join(MODELS)}, {e.episodes} rollouts per task")
+        while pending:
+            done, pending = wait(pending, timeout=2.0)
+            for job in done:
+                job.result()  # a failed evaluation raises here
+            # each finished task leaves its result file (tasks/<domain>__<env>.json)
+            bar.update(sum(len(list((p.eval(m) / "tasks").glob("*.json")))
+                           for m in MODELS) - bar.n)
+        bar.close()
 
 
 def run_latency(p: Paths) -> None:

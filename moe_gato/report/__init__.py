@@ -67,7 +67,7 @@ def gather(run: Path) -> dict:
         m = model_numbers(run / name)
         m.update(final_losses(run / name), scores=mean_score(evals["tasks"]),
                  domains=domain_scores(evals["tasks"]),
-                 tasks={t: {k: r[k] for k in ("domain", "episodes", "normalized_score",
+                 tasks={t: {k: r[k] for k in ("domain", "held_out", "episodes", "normalized_score",
                                               "normalized_ci95", "success_rate", "return_mean")}
                         for t, r in evals["tasks"].items()})
         lat = run / "latency" / f"{name}.json"
@@ -221,13 +221,33 @@ def markdown(doc: dict, run: Path) -> str:
             "## 5. Scores in the environments", "",
             f"{cfg['eval']['episodes']} rollouts per task, greedy; expert-normalized "
             f"(0 = random, 1 = expert); intervals are 95% (per domain: from the tasks' "
-            f"intervals).", "", _domain_table(doc), "", _task_table(doc), "",
+            f"intervals); means over the training tasks, held-out tasks apart.", "", _domain_table(doc), "", _task_table(doc), "",
             "![scores per domain](scores.png)", "",
             "## 6. Control latency", "",
             "Measured batch-1 control steps (KV cache on, context full) against the latency "
-            "model's prediction for the sweep's family:", "",
+            "model's prediction for the sweep's family (`benchmarks/latency_model.json`, "
+            "fitted on earlier measurements on this machine; the pick trusts it):", "",
+            _latency_table(doc), "",
             "![latency against active parameters](latency.png)", ""]
     return "\n".join(out)
+
+
+def _latency_table(doc: dict) -> str:
+    hz = doc["pick"]["hz"]
+    predicted = {r["model"]: r["hz"] for r in doc["family_latency"]}
+    lines = [f"| model | predicted rate | measured p50 | measured p99 | >= {hz:g} Hz as measured "
+             f"(p50) |", "|---|---:|---:|---:|---|"]
+    for name in ("teacher", "student"):
+        m = doc["models"][name]
+        lat = m.get("latency")
+        if not lat:
+            continue
+        label = f"d{m['d_model']}-" + (m["expert_tag"] if m["ffn"] == "moe" else "dense")
+        pred = predicted.get(label)
+        lines.append(f"| {LABELS[name]} ({label}) | {_f(pred, '.0f')} Hz | "
+                     f"{lat['p50_ms']:.1f} ms ({lat['hz_p50']:.0f} Hz) | {lat['p99_ms']:.1f} ms "
+                     f"({lat['hz_p99']:.0f} Hz) | {'yes' if lat['hz_p50'] >= hz else 'no'} |")
+    return "\n".join(lines)
 
 
 def _sweep_table(doc: dict) -> str:
@@ -307,7 +327,8 @@ def _task_table(doc: dict) -> str:
             r = doc["models"][name]["tasks"].get(task)
             cells.append("—" if r is None else
                          f"{r['normalized_score']:.2f} ± {r['normalized_ci95']:.2f}")
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        held = doc["models"]["teacher"]["tasks"][task].get("held_out")
+        lines.append(f"| {task}{' (held out)' if held else ''} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

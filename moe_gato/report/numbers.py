@@ -27,7 +27,10 @@ def model_numbers(run: Path) -> dict:
     if not records:
         raise ValueError(f"{run}/metrics.jsonl holds no record")
     times = [r["time"] for r in records if "time" in r]
-    return {"shape": shape, "ffn": cfg.ffn, "N_active": accounting.num_active_params(cfg),
+    tag = (f"E{cfg.moe.num_experts}k{cfg.moe.top_k}G{cfg.moe.granularity}"
+           if cfg.ffn == "moe" else "dense")
+    return {"shape": shape, "ffn": cfg.ffn, "d_model": cfg.d_model, "expert_tag": tag,
+            "N_active": accounting.num_active_params(cfg),
             "N_total": accounting.num_params(cfg), "tokens": int(records[-1]["tokens"]),
             "steps": int(records[-1]["step"]),
             "wall_s": float(times[-1] - times[0]) if len(times) > 1 else 0.0}
