@@ -770,13 +770,16 @@ def load_epoch_chinchilla(path: str | Path | None = None):
 
 
 def finite_json(v):
-    """A document with inf / nan as None (JSON has neither)."""
+    """A document with inf / nan as None (JSON has neither) and numpy scalars as Python
+    numbers."""
     if isinstance(v, dict):
         return {k: finite_json(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [finite_json(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
     return v
 
 

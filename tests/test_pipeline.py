@@ -277,6 +277,7 @@ def test_retained_share_and_score_intervals():
 
 def test_expert_load_averages_the_last_steps(tmp_path):
     from moe_gato.report.numbers import expert_load
+    from moe_gato.train.metrics import read_metrics
 
     lines = []
     for step in range(1, 11):
@@ -287,7 +288,7 @@ def test_expert_load_averages_the_last_steps(tmp_path):
                 rec[f"moe/{layer}/action/load/{e}"] = v
         lines.append(json.dumps(rec))
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    load = expert_load(tmp_path, last_fraction=0.2)
+    load = expert_load(tmp_path, read_metrics(tmp_path), last_fraction=0.2)
     assert load["layers"] == 2 and load["steps"] == [9, 10]
     assert np.array(load["groups"]["action"]) == pytest.approx(
         np.array([[2.8, 0.4, 0.4, 0.4]] * 2))

@@ -73,8 +73,8 @@ def run_collect(args: argparse.Namespace) -> int:
             raise ValueError(f"--tasks {args.tasks!r} names no task; leave it out to collect "
                              f"the whole suite")
         opts = collect_options(args.config, args.suite, args.episodes, args.seed)
-        names = names if names is not None else opts.pop("tasks")
-        opts.pop("tasks", None)
+        config_tasks = opts.pop("tasks")
+        names = names if names is not None else config_tasks
         specs = resolve_tasks(opts["suite"], names)
         if args.list:
             for s in specs:

@@ -29,11 +29,12 @@ import numpy as np
 import yaml
 
 from moe_gato.config import write_json
+from moe_gato.pipeline.stages import MODELS
 from moe_gato.report import figures
 from moe_gato.report.numbers import (domain_scores, expert_load, family_latency,
                                      final_losses, mean_score, model_numbers, retained)
+from moe_gato.train.metrics import read_metrics
 
-MODELS = ("teacher", "student", "scratch")
 LABELS = {"teacher": "MoE teacher", "student": "distilled dense student",
           "scratch": "dense, from scratch"}
 
@@ -45,14 +46,19 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def gather(run: Path) -> dict:
-    """Every number the report shows, from the pipeline's run folder."""
-    from scaling.fit import best_law
-
-    run = Path(run)
+def check_run(run: Path) -> None:
     if not (run / "pipeline.yaml").is_file():
         raise ValueError(f"{run} is not a pipeline run folder (no pipeline.yaml); pass the "
                          f"--out of `moe-gato demo`")
+
+
+def gather(run: Path, histories: dict[str, list[dict]]) -> dict:
+    """Every number the report shows, from the pipeline's run folder and the three runs'
+    metrics records (``histories``)."""
+    from scaling.fit import best_law
+
+    run = Path(run)
+    check_run(run)
     cfg = yaml.safe_load((run / "pipeline.yaml").read_text())
     fit = _read_json(run / "sweep" / "fit" / "fit.json")
     doc = {"config": cfg, "stages": _read_json(run / "stages.json"),
@@ -64,8 +70,8 @@ def gather(run: Path) -> dict:
     doc["family_latency"] = family_latency(cfg, doc["pick"])
     for name in MODELS:
         evals = _read_json(run / "eval" / name / "eval.json")
-        m = model_numbers(run / name)
-        m.update(final_losses(run / name), scores=mean_score(evals["tasks"]),
+        m = model_numbers(run / name, histories[name])
+        m.update(final_losses(run / name, histories[name]), scores=mean_score(evals["tasks"]),
                  domains=domain_scores(evals["tasks"]),
                  tasks={t: {k: r[k] for k in ("domain", "held_out", "episodes", "normalized_score",
                                               "normalized_ci95", "success_rate", "return_mean")}
@@ -75,9 +81,8 @@ def gather(run: Path) -> dict:
             m["latency"] = {k: v for k, v in json.loads(lat.read_text()).items()
                             if k != "times_ms"}
         doc["models"][name] = m
-    teacher_cfg = yaml.safe_load((run / "teacher" / "config.yaml").read_text())["model"]
-    if teacher_cfg.get("ffn") == "moe":
-        doc["expert_load"] = expert_load(run / "teacher")
+    if doc["models"]["teacher"]["ffn"] == "moe":
+        doc["expert_load"] = expert_load(run / "teacher", histories["teacher"])
     t, s, c = (doc["models"][k] for k in MODELS)
     doc["retained"] = {"val_loss": retained(c["val_loss"], s["val_loss"], t["val_loss"],
                                             lower_is_better=True),
@@ -90,8 +95,12 @@ def gather(run: Path) -> dict:
 
 def write_report(run: str | Path, out: str | Path) -> Path:
     """Writes ``out/report.md`` with its figures and ``summary.json``; returns the path."""
+    from scaling.fit import finite_json
+
     run, out = Path(run), Path(out)
-    doc = gather(run)
+    check_run(run)
+    histories = {m: read_metrics(run / m) for m in MODELS}
+    doc = gather(run, histories)
     doc["commands"] = stage_commands(doc["config"], out)
     out.mkdir(parents=True, exist_ok=True)
     fit_dir = run / "sweep" / "fit"
@@ -99,13 +108,13 @@ def write_report(run: str | Path, out: str | Path) -> Path:
         if (fit_dir / png).is_file():
             shutil.copyfile(fit_dir / png, out / png)
     figures.isoflop_law(doc, out / "isoflop_law.png")
-    figures.loss_curves({m: run / m for m in MODELS}, LABELS, out / "loss_curves.png")
+    figures.loss_curves(histories, LABELS, out / "loss_curves.png")
     if "expert_load" in doc:
         figures.expert_load(doc["expert_load"], out / "expert_load.png")
     figures.scores(doc, LABELS, out / "scores.png")
     figures.latency(doc, out / "latency.png")
-    figures.summary(doc, {m: run / m for m in MODELS}, LABELS, out / "summary.png")
-    write_json(out / "summary.json", _finite(doc))
+    figures.summary(doc, histories, LABELS, out / "summary.png")
+    write_json(out / "summary.json", finite_json(doc))
     (out / "report.md").write_text(markdown(doc, run) + "\n")
     print(f"wrote {out / 'report.md'} with summary.json and the figures")
     return out / "report.md"
@@ -330,18 +339,6 @@ def _task_table(doc: dict) -> str:
         held = doc["models"]["teacher"]["tasks"][task].get("held_out")
         lines.append(f"| {task}{' (held out)' if held else ''} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _finite(v):
-    if isinstance(v, dict):
-        return {str(k): _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    if isinstance(v, (float, np.floating)):
-        return float(v) if math.isfinite(v) else None
-    if isinstance(v, np.integer):
-        return int(v)
-    return v
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_gato.train.metrics import read_metrics
-
 COLOURS = {"teacher": "tab:red", "student": "tab:blue", "scratch": "tab:grey"}
 KINDS = ("text", "discrete_action", "continuous_action")
 
@@ -37,10 +35,12 @@ def _smooth(y: np.ndarray, window: int = 25) -> np.ndarray:
 
 # ------------------------------------------------------------------ IsoFLOP and the law
 def _families(rows: list[dict]) -> dict[str, list[dict]]:
+    from scaling.family import ExpertChoice
+
     out: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("status") == "done":
-            tag = "dense" if r["E"] == 1 else f"E{r['experts']}k{r['k']}G{r['G']}"
+            tag = ExpertChoice(experts=r["experts"], k=r["k"], G=r["G"]).tag
             out.setdefault(tag, []).append(r)
     return out
 
@@ -87,9 +87,9 @@ def isoflop_law(doc: dict, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------- loss curves
-def draw_loss(ax, runs: dict[str, Path], labels: dict, key: str = "loss") -> None:
-    for name, run in runs.items():
-        records = read_metrics(run)
+def draw_loss(ax, histories: dict[str, list[dict]], labels: dict, key: str = "loss") -> None:
+    """Smoothed training and validation ``key`` against tokens, from each run's metrics."""
+    for name, records in histories.items():
         # a distilled run's "loss" is its objective; its hard-label part is the comparable one
         train_key = "objective/ce" if key == "loss" and any(
             "objective/ce" in r for r in records) else key
@@ -108,11 +108,11 @@ def draw_loss(ax, runs: dict[str, Path], labels: dict, key: str = "loss") -> Non
     ax.grid(alpha=0.3)
 
 
-def loss_curves(runs: dict[str, Path], labels: dict, path: Path) -> None:
+def loss_curves(histories: dict[str, list[dict]], labels: dict, path: Path) -> None:
     keys = ("loss",) + tuple(f"loss/{k}" for k in KINDS)
     fig, axes = _plt().subplots(1, len(keys), figsize=(4.6 * len(keys), 4))
     for ax, key in zip(axes, keys, strict=True):
-        draw_loss(ax, runs, labels, key)
+        draw_loss(ax, histories, labels, key)
     axes[0].legend(fontsize=6)
     _save(fig, path)
 
@@ -208,11 +208,11 @@ def latency(doc: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- the main figure
-def summary(doc: dict, runs: dict[str, Path], labels: dict, path: Path) -> None:
+def summary(doc: dict, histories: dict[str, list[dict]], labels: dict, path: Path) -> None:
     fig, axes = _plt().subplots(2, 2, figsize=(12, 8.5))
     moe = [f for f in _families(doc["sweep"]) if f != "dense"]
     draw_isoflop(axes[0, 0], doc, moe[0] if moe else "dense")
-    draw_loss(axes[0, 1], runs, labels)
+    draw_loss(axes[0, 1], histories, labels)
     axes[0, 1].legend(fontsize=6)
     draw_scores(axes[1, 0], doc, labels)
     draw_latency(axes[1, 1], doc)

@@ -9,26 +9,25 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from moe_gato.train.metrics import read_metrics
-
 Z95 = 1.96
 
 
-def model_numbers(run: Path) -> dict:
-    """Shape label, parameters, tokens trained and training wall time of a run."""
+def model_numbers(run: Path, records: list[dict]) -> dict:
+    """Shape label, parameters, tokens trained and training wall time of a run, from its
+    ``config.yaml`` and its metrics ``records``."""
     from moe_gato.config import from_dict
     from moe_gato.model import ModelConfig, accounting
+    from scaling.family import ExpertChoice
 
     cfg = from_dict(ModelConfig, yaml.safe_load((run / "config.yaml").read_text())["model"])
     shape = f"d{cfg.d_model} x {cfg.num_layers} layers, " + (
         f"{cfg.moe.num_experts} experts k {cfg.moe.top_k} G {cfg.moe.granularity}"
         if cfg.ffn == "moe" else "dense")
-    records = read_metrics(run)
     if not records:
         raise ValueError(f"{run}/metrics.jsonl holds no record")
     times = [r["time"] for r in records if "time" in r]
-    tag = (f"E{cfg.moe.num_experts}k{cfg.moe.top_k}G{cfg.moe.granularity}"
-           if cfg.ffn == "moe" else "dense")
+    tag = (ExpertChoice(experts=cfg.moe.num_experts, k=cfg.moe.top_k,
+                        G=cfg.moe.granularity).tag if cfg.ffn == "moe" else "dense")
     return {"shape": shape, "ffn": cfg.ffn, "d_model": cfg.d_model, "expert_tag": tag,
             "N_active": accounting.num_active_params(cfg),
             "N_total": accounting.num_params(cfg), "tokens": int(records[-1]["tokens"]),
@@ -36,9 +35,9 @@ def model_numbers(run: Path) -> dict:
             "wall_s": float(times[-1] - times[0]) if len(times) > 1 else 0.0}
 
 
-def final_losses(run: Path) -> dict:
-    """The last validation loss, overall and per target kind."""
-    evals = [r for r in read_metrics(run) if "eval/loss" in r]
+def final_losses(run: Path, records: list[dict]) -> dict:
+    """The last validation loss of a run's metrics ``records``, overall and per target kind."""
+    evals = [r for r in records if "eval/loss" in r]
     if not evals:
         raise ValueError(f"{run}/metrics.jsonl holds no evaluation")
     last = evals[-1]
@@ -82,11 +81,11 @@ def domain_scores(tasks: dict) -> dict:
 _LOAD = re.compile(r"^moe/(\d+)/([^/]+)/load/(\d+)$")
 
 
-def expert_load(run: Path, last_fraction: float = 0.2) -> dict:
-    """Per modality group a (layers x experts) matrix: each expert's share of the group's
-    routed tokens times the number of experts (1 = balanced), averaged over the last
-    ``last_fraction`` of the logged steps."""
-    records = [r for r in read_metrics(run) if any(k.startswith("moe/") for k in r)]
+def expert_load(run: Path, records: list[dict], last_fraction: float = 0.2) -> dict:
+    """Per modality group a (layers x experts) matrix from a run's metrics ``records``: each
+    expert's share of the group's routed tokens times the number of experts (1 =
+    balanced), averaged over the last ``last_fraction`` of the logged steps."""
+    records = [r for r in records if any(k.startswith("moe/") for k in r)]
     if not records:
         raise ValueError(f"{run}/metrics.jsonl holds no routing metrics (a dense run?)")
     tail = records[-max(1, int(len(records) * last_fraction)):]
