@@ -195,18 +195,15 @@ def load_collect_config(path: str | Path) -> dict:
            "episodes": raw.get("episodes") or None,
            "return_episodes": int(raw.get("return_episodes", RETURN_EPISODES)),
            "tasks": raw.get("tasks")}
-    if out["tasks"] is not None:
-        if not isinstance(out["tasks"], list) or not out["tasks"]:
-            raise ValueError(f"{path}: tasks must be a non-empty list of task names (or left "
-                             f"out for the whole suite), got {out['tasks']!r}")
-        try:
-            resolve_tasks(out["suite"], out["tasks"])
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
+    if out["tasks"] is not None and (not isinstance(out["tasks"], list) or not out["tasks"]):
+        raise ValueError(f"{path}: tasks must be a non-empty list of task names (or left out "
+                         f"for the whole suite), got {out['tasks']!r}")
     if out["episodes"] is not None and not isinstance(out["episodes"], dict):
         raise ValueError(f"{path}: episodes must map task names to counts, got "
                          f"{out['episodes']!r}")
-    try:
+    try:  # unknown task names, bad counts: the error lists what is allowed
+        if out["tasks"] is not None:
+            resolve_tasks(out["suite"], out["tasks"])
         check_episodes(out["episodes"], out["suite"])
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
