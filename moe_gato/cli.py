@@ -5,6 +5,7 @@
     moe-gato build-text-tokenizer --vocab-size 8192 --out moe_gato/assets/text_8192.model
     moe-gato tokenize --task babyai/BabyAI-GoToLocal-v0 --steps 2
     moe-gato collect --suite default --out data/
+    moe-gato targets --config configs/data/recipe.yaml --data data loss_weighting=sequence
     moe-gato train --config configs/train/tiny-moe.yaml --data data --out runs/tiny-moe
     moe-gato eval --checkpoint runs/demo/teacher --tasks default --episodes 20 --out runs/demo/eval-all
     moe-gato sweep --config configs/sweep/tiny.yaml
@@ -33,6 +34,8 @@ SUBCOMMANDS = {
                              "train the SentencePiece text model on the project's corpus"),
     "collect": ("moe_gato.data.cli", "add_collect_arguments", "run_collect",
                 "collect expert demonstrations into HF datasets on disk"),
+    "targets": ("moe_gato.data.stats", "add_arguments", "run",
+                "the share of the loss each task and target kind gets from a mixture"),
     "train": ("moe_gato.train.cli", "add_arguments", "run",
               "train MoE-Gato (or its dense twin) on a collected suite"),
     "distill": ("moe_gato.train.distill", "add_arguments", "run",

@@ -293,6 +293,76 @@ def test_loader_splits_and_errors(suite):
         SequenceLoader(MixtureConfig(data_dir=str(out / "nowhere"), tasks={"atari/Pong": 1.0}))
 
 
+def test_mission_targets_and_sequence_weights(suite):
+    """``mission_targets``: BabyAI's mission (text observations) stays a target at every
+    timestep (Gato), at the episode's first only, or nowhere; actions are untouched.
+    ``loss_weighting: sequence``: every sequence's targets weigh one in all."""
+    import dataclasses
+
+    import torch
+
+    from moe_gato.model.model import target_weights
+    from moe_gato.tokenizer import Kind
+
+    out, _ = suite
+    cfg = _mixture(out, tasks={"babyai/BabyAI-GoToLocal-v0": 1.0}, context_len=600)
+    loaders = {m: SequenceLoader(dataclasses.replace(cfg, mission_targets=m), seed=2)
+               for m in ("all", "first", "none")}
+    saw_later_timestep = False
+    for i in range(8):
+        seqs = {m: loader.sequence(i) for m, loader in loaders.items()}
+        text = seqs["all"].kinds == Kind.TEXT
+        action = seqs["all"].kinds == Kind.DISCRETE_ACTION
+        assert seqs["all"].loss_mask[text].all() and text.any()
+        assert not seqs["none"].loss_mask[text].any()
+        first = seqs["first"]
+        np.testing.assert_array_equal(first.loss_mask[text], first.timestep[text] == 0)
+        saw_later_timestep |= bool((first.timestep[text] > 0).any())
+        for seq in seqs.values():
+            np.testing.assert_array_equal(seq.loss_mask[action], True)
+    assert saw_later_timestep
+    mixed = _mixture(out, loss_weighting="sequence")
+    batch = SequenceLoader(mixed, seed=4).next_batch(6)
+    weights_BL = target_weights(batch)
+    torch.testing.assert_close(weights_BL.sum(1), torch.ones(6))
+    assert (weights_BL[~batch["loss_mask"][:, 1:]] == 0).all()
+    token = SequenceLoader(_mixture(out), seed=4).next_batch(6)
+    assert "loss_weight" not in token
+    assert torch.equal(token["tokens"], batch["tokens"])  # the same sequences, weighed otherwise
+    with pytest.raises(ValueError, match="loss_weighting"):
+        _mixture(out, loss_weighting="task")
+    with pytest.raises(ValueError, match="mission_targets"):
+        _mixture(out, mission_targets="some")
+
+
+def test_target_shares_count_what_the_loss_weighs(suite, capsys):
+    """``moe-gato targets``: per task and kind the share of the loss; with sequence weights a
+    task's share of the loss is its share of the draws."""
+    from moe_gato.cli import main
+    from moe_gato.data.stats import target_shares
+
+    out, _ = suite
+    tasks = {"classic/Pendulum-v1": 1.0, "babyai/BabyAI-GoToLocal-v0": 1.0}
+    token = target_shares(_mixture(out, tasks=tasks), sequences=200)
+    seq = target_shares(_mixture(out, tasks=tasks, loss_weighting="sequence"), sequences=200)
+    pend, baby = "classic/Pendulum-v1", "babyai/BabyAI-GoToLocal-v0"
+    assert token["tasks"][pend]["loss"] > 0.7             # ~40 actions a sequence vs 1-2
+    assert token["tasks"][pend]["loss/discrete_action"] == 0
+    for task in tasks:
+        assert seq["tasks"][task]["loss"] == pytest.approx(seq["tasks"][task]["draws"])
+    assert sum(r["loss"] for r in token["tasks"].values()) == pytest.approx(1.0)
+    assert main(["targets", "--config", "configs/data/recipe.yaml", "--data", str(out),
+                 "--sequences", "20"]) == 2
+    assert "not in" in capsys.readouterr().err            # the recipe's tasks are not collected
+    mixture = out / "two.yaml"
+    mixture.write_text(f"data_dir: {out}\ntasks: {{{pend}: 1.0, {baby}: 1.0}}\n")
+    assert main(["targets", "--config", str(mixture), "--sequences", "50",
+                 "--json", str(out / "shares.json"), "loss_weighting=sequence"]) == 0
+    printed = capsys.readouterr().out
+    assert "loss_weighting=sequence" in printed and f"| {pend} |" in printed
+    assert json.loads((out / "shares.json").read_text())["sequences"] == 50
+
+
 def test_mixture_config_validation():
     from moe_gato.config import load_config
     from moe_gato.data import load_mixture

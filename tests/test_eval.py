@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -89,13 +90,20 @@ def test_one_loop_for_expert_random_and_policy(trained):
 # ------------------------------------------------------------------------ policy
 @pytest.mark.parametrize("name,steps", [("classic/CartPole-v1", 40), ("metaworld/reach-v3", 12),
                                         ("babyai/BabyAI-GoToLocal-v0", 5)])
-@pytest.mark.parametrize("past_actions", ["attend", "hide"])
-def test_cached_policy_equals_recompute_before_eviction(trained, name, steps, past_actions):
+@pytest.mark.parametrize("past_actions,positions", [("attend", "none"), ("hide", "none"),
+                                                     ("hide", "rope"), ("attend", "timestep_bias")])
+def test_cached_policy_equals_recompute_before_eviction(trained, name, steps, past_actions,
+                                                        positions):
+    from moe_gato.model import build_model, load_checkpoint
+
+    trained_model = load_checkpoint(Policy.from_checkpoint(trained / "run").checkpoint)
+    cfg = dataclasses.replace(trained_model.cfg, past_actions=past_actions, positions=positions)
+    model = build_model(cfg)
+    model.load_state_dict(trained_model.state_dict())  # same weights, other attention
     actions = {}
     for use_cache in (True, False):
         # a context that holds every step: no eviction yet
-        policy = Policy.from_checkpoint(trained / "run", use_cache=use_cache, context_length=1024)
-        policy.model.cfg.past_actions = past_actions  # same weights, other attention mask
+        policy = Policy(model, use_cache=use_cache, context_length=1024)
         ep = run_episode(_env(name, steps), PolicyActor(policy), seed=11, record=False)
         actions[use_cache] = ep.actions
         if use_cache:
@@ -287,3 +295,8 @@ def test_training_logs_action_accuracy(trained):
     logits[0, 1, lo + 3] = 1.0          # predicts lo + 3, the target is lo + 1
     logits[0, 1, layout.pad_id] = 9.0   # outside the action range: ignored
     assert action_hits(logits, batch, layout) == (1, 2)
+    # a task with 2 actions: an id past them is never decoded, so never counted (the
+    # argmax over all 1024 discrete ids scored CartPole and GoToRedBall at 0.0)
+    logits[0, 0, lo + 7] = 5.0
+    assert action_hits(logits, batch, layout) == (0, 2)
+    assert action_hits(logits, batch, layout, num_choices=4) == (1, 2)

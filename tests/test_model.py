@@ -72,7 +72,9 @@ def test_presets_load(path):
 
 @pytest.mark.parametrize("overrides", [(), ("tie_embeddings=false", "moe.shared_expert=true",
                                             "moe.moe_every=2", "moe.experts_per_group={image: 2}"),
-                                       ("value_embedding=smooth",)])
+                                       ("value_embedding=smooth",),
+                                       ("value_embedding=scalar", "positions=timestep_bias"),
+                                       ("positions=rope",)])
 def test_param_breakdown_matches_module(overrides):
     cfg = tiny("tiny-moe", *overrides)
     model = build_model(cfg)
@@ -173,9 +175,10 @@ def test_tokens_stay_in_their_group():
         assert seen.all()  # every position routed, in exactly one group
 
 
+@pytest.mark.parametrize("positions", ["none", "rope", "timestep_bias"])
 @pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe"])
-def test_kv_cache_matches_full_forward(name):
-    cfg = tiny(name)
+def test_kv_cache_matches_full_forward(name, positions):
+    cfg = tiny(name, f"positions={positions}")
     model = build_model(cfg).eval()
     batch = make_batch(cfg, batch=2, length=36)
     with torch.no_grad():
@@ -205,12 +208,13 @@ def _control_batch(cfg, T=8, seed=0):
     return collate([TokenSequence.concat(eps).pad_to(6 * (T + 3) + 4, cfg.layout)] * 2)
 
 
+@pytest.mark.parametrize("positions", ["none", "rope", "timestep_bias"])
 @pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe"])
-def test_hidden_past_actions_mask_and_cache(name):
+def test_hidden_past_actions_mask_and_cache(name, positions):
     """``past_actions="hide"``: later timesteps never see earlier actions (editing them
     changes nothing after), an action's next dimension still sees the first, the KV cache
     fed in chunks gives the full forward's logits, and Gato's "attend" does see them."""
-    cfg = tiny(name, "past_actions=hide")
+    cfg = tiny(name, "past_actions=hide", f"positions={positions}")
     model = build_model(cfg).eval()
     batch = _control_batch(cfg)
     ts, kinds = batch["timestep"][0], batch["kinds"][0]
@@ -232,7 +236,7 @@ def test_hidden_past_actions_mask_and_cache(name):
             chunk["patches"] = batch["patches"]
             pieces.append(model(chunk, cache=cache).logits)
     torch.testing.assert_close(torch.cat(pieces, 1), base, atol=1e-5, rtol=1e-5)
-    attend = build_model(tiny(name)).eval()
+    attend = build_model(tiny(name, f"positions={positions}")).eval()
     attend.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert not torch.allclose(attend(batch).logits[:, later], attend(edited).logits[:, later])
@@ -357,6 +361,25 @@ def test_smooth_value_embedding_shares_between_neighbouring_bins():
     model.embed.value_basis.data.zero_()
     out0 = model(batch, compute_loss=False, last_only=True, id_range=(lo, lo + cfg.num_bins))
     assert not torch.allclose(out.logits, out0.logits)
+
+
+def test_scalar_value_embedding_adds_the_value_to_the_table():
+    """``value_embedding=scalar``: every continuous bin's row is Gato's table row plus a
+    learned map of tanh(s * v) of its value v; bins of opposite sign get opposite features,
+    bins near 0 are told apart by the finest scale."""
+    from moe_gato.model.model import scalar_features
+
+    f = scalar_features(1024)
+    assert f.shape == (1024, 5)
+    torch.testing.assert_close(f[:512], -f.flip(0)[:512])       # odd in v
+    assert f[511, -1] < -0.2 and f[512, -1] > 0.2 and abs(f[511, 0]) < 1e-2
+    cfg = tiny("tiny-dense", "value_embedding=scalar", "num_layers=1")
+    model = build_model(cfg)
+    lo = cfg.layout.continuous_start
+    table = model.embed.tokens.weight[lo:lo + cfg.num_bins]
+    assert table.abs().sum() > 0                                   # Gato's table kept
+    torch.testing.assert_close(model.embed.weight()[lo:lo + cfg.num_bins],
+                               table + f @ model.embed.value_basis)
 
 
 def test_checkpoint_roundtrip_and_bad_files(tmp_path):

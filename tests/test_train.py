@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from moe_gato.model import build_model
 from moe_gato.train import TrainingError, Trainer, load_train_config, lr_at
 from moe_gato.train import checkpoint as ckpt
 
@@ -312,3 +313,39 @@ def test_a_uniform_backward_graph_is_asked_for_not_inferred(tmp_path, tiny_suite
     model.set_uniform_graph(True)
     model(batch).loss.backward()
     assert all(p.grad is not None and not p.grad.any() for p in patch + action)
+
+
+def test_sequence_weighting_is_split_invariant_and_a_mean_of_sequence_means(tmp_path, tiny_suite):
+    """``data.loss_weighting=sequence``: the step's loss is the mean over sequences of each
+    sequence's mean target loss, and its gradient is the same whether a step is one
+    micro-batch of 4 or two of 2 (the loop weighs micro-batches by their target weight,
+    not their target count)."""
+    # dense and without images (BabyAI has its 56x56 view): the MoE balancing loss and the
+    # patch positions' draws are per micro-batch by design, the loss weighting must not be
+    dense = {"preset": "configs/model/tiny-dense.yaml", "context_length": 256, "num_layers": 2}
+    tasks = {"classic/Pendulum-v1": 1.0, "text/shakespeare": 1.0}
+    path = write_config(tmp_path, tiny_suite, model=dense,
+                        data={"data_dir": str(tiny_suite), "tasks": tasks})
+    grads, losses = {}, {}
+    for micro in (4, 2):
+        cfg = load_train_config(path, ["data.loss_weighting=sequence",
+                                       f"micro_batch_size={micro}"])
+        trainer = Trainer(cfg, tmp_path / f"micro{micro}")
+        trainer.optimizer.step = lambda m=trainer.model, k=micro: grads.__setitem__(
+            k, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        losses[micro] = trainer.train_step()["loss"]
+    assert losses[4] == pytest.approx(losses[2], rel=2e-5)
+    assert grads[4].keys() == grads[2].keys()
+    for name, g in grads[4].items():  # float32 sums in another order
+        torch.testing.assert_close(g, grads[2][name], rtol=0, atol=1e-3 * float(g.abs().max()))
+    # by hand, on the first batch
+    batch = trainer.loader.batch(0, 4)
+    with torch.no_grad():
+        out = build_model(cfg.model)(batch)
+    nll_BL = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1),
+                                               batch["tokens"][:, 1:].flatten(),
+                                               reduction="none").view(4, -1)
+    mask_BL = batch["loss_mask"][:, 1:]
+    per_sequence = [(nll_BL[b][mask_BL[b]]).mean() for b in range(4)]
+    assert len({int(m.sum()) for m in mask_BL}) > 1   # sequences of different target counts
+    torch.testing.assert_close(out.lm_loss, torch.stack(per_sequence).mean())

@@ -168,7 +168,11 @@ class SequenceLoader:
         """Sequences ``[start, start + size)``, collated (the position is left alone)."""
         from moe_gato.tokenizer import collate
 
-        return collate([self.sequence(i) for i in range(start, start + size)])
+        batch = collate([self.sequence(i) for i in range(start, start + size)])
+        if self.cfg.loss_weighting == "sequence":  # each sequence's targets sum to one
+            targets_B1 = batch["loss_mask"][:, 1:].sum(1, keepdim=True).clamp(min=1)
+            batch["loss_weight"] = batch["loss_mask"].float() / targets_B1
+        return batch
 
     def sequence(self, index: int, info: dict | None = None):
         """Training sequence number ``index`` (a pure function of seed, index and data).
@@ -205,12 +209,24 @@ class SequenceLoader:
         seq = make_training_sequence(episode, prompts, rng, context_len=L,
                                      layout=self.tok.layout, prompt_mode=mode,
                                      max_prompt_fraction=self.cfg.prompt_share, info=spans)
+        if self.cfg.mission_targets != "all":
+            seq.loss_mask = seq.loss_mask & self._kept_text_targets(seq)
         info.update(prompt_row=other if spans["prompt_mode"] else None,
                     prompt_mode=spans["prompt_mode"],
                     prompt_steps=_steps(prompts[0], spans["prompt_span"], p_first)
                     if spans["prompt_mode"] else None,
                     episode_steps=_steps(episode, spans["episode_span"], first))
         return seq
+
+    def _kept_text_targets(self, seq) -> np.ndarray:
+        """(N,) False at the text observations that ``mission_targets`` takes out of the
+        loss: all of them ("none"), or those after the episode's first timestep ("first")."""
+        from moe_gato.tokenizer import Kind
+
+        is_text = seq.kinds == Kind.TEXT
+        if self.cfg.mission_targets == "none":
+            return ~is_text
+        return ~is_text | (seq.timestep == 0)
 
     def _episode(self, name: str, data: storage.TaskData, row: int, rng, mode: str):
         """Row ``row`` tokenized, and the index of its first stored timestep: the whole

@@ -5,12 +5,22 @@
 ``tasks`` maps a task name to its sampling weight (normalized over the listed tasks, in
 the manner of Gato's Table 1). Each task's last ``validation_fraction`` of rows (at least
 one) is its validation split.
+
+Where the gradient goes. Gato's loss is a mean over all text and action targets of a batch
+(``loss_weighting: token``): a task's share of the gradient is then its share of the
+*targets*, not of the draws — a classic-control sequence holds ~100 action targets, a BabyAI
+one 3 actions and 3 repeated missions. ``loss_weighting: sequence`` gives each sequence's
+targets one unit in all, so the mixture weights are the tasks' shares of the gradient.
+``mission_targets`` decides whether a text observation of a control episode (BabyAI's
+mission, repeated at every timestep) is a target at every timestep (Gato), only at the
+episode's first, or never. ``moe-gato targets`` counts the shares a mixture gives.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 from moe_gato.config import load_config
 
@@ -27,6 +37,12 @@ class MixtureConfig:
     validation_fraction: float = 0.1
     #: tokenized episodes kept in memory (LRU), in MiB
     cache_mb: int = 1024
+    #: "token" (Gato): every target weighs one; "sequence": a sequence's targets share one
+    #: unit, so each task's share of the gradient is its share of the draws
+    loss_weighting: Literal["token", "sequence"] = "token"
+    #: a control episode's text observation (BabyAI's mission) is a target at "all" its
+    #: timesteps (Gato), only at the episode's "first", or at "none"
+    mission_targets: Literal["all", "first", "none"] = "all"
     tasks: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -40,6 +56,12 @@ class MixtureConfig:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
         if self.cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
+        if self.loss_weighting not in ("token", "sequence"):
+            raise ValueError(f"loss_weighting must be 'token' or 'sequence', "
+                             f"got {self.loss_weighting!r}")
+        if self.mission_targets not in ("all", "first", "none"):
+            raise ValueError(f"mission_targets must be 'all', 'first' or 'none', "
+                             f"got {self.mission_targets!r}")
         if not self.tasks:
             raise ValueError("tasks must name at least one task with a weight > 0")
         for name, weight in self.tasks.items():

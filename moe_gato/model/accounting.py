@@ -41,7 +41,7 @@ def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
         "output_head": 0 if cfg.tie_embeddings else V * D,
         "patch_embedding": 3 * C * 16 + 2 * 2 * C + 2 * 9 * C * C + 16 * C * D,
         "positions": (cfg.max_local_positions + 2 * cfg.position_bins + 1) * D,
-        "value_basis": cfg.value_features * D if cfg.value_embedding == "smooth" else 0,
+        "value_basis": cfg.num_value_features * D,
         "attention": cfg.num_layers * 4 * D * D,
         "norms": (2 * cfg.num_layers + 1) * D,
         "dense_ffn": (cfg.num_layers - moe_layers) * 2 * D * cfg.ffn_hidden,

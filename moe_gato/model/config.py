@@ -30,6 +30,8 @@ from typing import Literal
 from moe_gato.tokenizer.layout import Kind, VocabLayout
 
 KIND_NAMES = tuple(k.name.lower() for k in Kind)
+#: scales s of ``value_embedding="scalar"``: features tanh(s * v) of a bin's value v
+SCALAR_VALUE_SCALES = (1.0, 4.0, 16.0, 64.0, 256.0)
 
 
 def _default_groups() -> dict[str, list[str]]:
@@ -140,7 +142,9 @@ class ModelConfig:
     #: continuous-value bins: "table" (Gato: one learned row per bin) or "smooth" (a
     #: learned map of fixed Fourier features of the bin index added to the table, whose
     #: bin rows start at zero, so that neighbouring values share their embedding)
-    value_embedding: Literal["table", "smooth"] = "table"
+    #: "scalar": the table plus a learned map of ``tanh(s * v)``, v the bin's mu-law value in
+    #: [-1, 1], s = 1, 4, 16, 64, 256 (the value itself at five resolutions)
+    value_embedding: Literal["table", "smooth", "scalar"] = "table"
     value_features: int = 32              # Fourier features of "smooth" (sin and cos pairs)
     #: "attend" (Gato): every position attends to all earlier ones. "hide": action tokens
     #: of earlier timesteps are hidden from later timesteps' positions (an action still
@@ -148,6 +152,13 @@ class ModelConfig:
     #: action by copying the previous one (the copycat problem of behaviour cloning with
     #: action history; de Haan et al. 2019, Wen et al. 2020)
     past_actions: Literal["attend", "hide"] = "attend"
+    #: position signal in attention beyond Gato's local positions
+    #: (``moe_gato.model.positions``): "none" (Gato), "rope" (rotary embeddings of each
+    #: token's position among its row's tokens) or "timestep_bias" (a fixed per-head bias
+    #: on the timestep distance between query and key). Checkpoints saved before the key
+    #: existed load as "none", what they were trained with.
+    positions: Literal["none", "rope", "timestep_bias"] = "none"
+    rope_base: float = 10000.0            # rotary frequencies base ** (-i / (Dh / 2))
     # Gato embeddings
     max_local_positions: int = 1024       # observation / text positions 0..n-1
     position_bins: int = 128              # patch row / column bins
@@ -169,14 +180,22 @@ class ModelConfig:
         if self.patch_channels % self.patch_norm_groups:
             raise ValueError(f"patch_channels ({self.patch_channels}) must be divisible by "
                              f"patch_norm_groups ({self.patch_norm_groups})")
-        if self.value_embedding not in ("table", "smooth"):
-            raise ValueError(f"value_embedding must be 'table' or 'smooth', "
+        if self.value_embedding not in ("table", "smooth", "scalar"):
+            raise ValueError(f"value_embedding must be 'table', 'smooth' or 'scalar', "
                              f"got {self.value_embedding!r}")
         if self.value_features < 2 or self.value_features % 2:
             raise ValueError(f"value_features must be an even number >= 2, "
                              f"got {self.value_features}")
         if self.past_actions not in ("attend", "hide"):
             raise ValueError(f"past_actions must be 'attend' or 'hide', got {self.past_actions!r}")
+        if self.positions not in ("none", "rope", "timestep_bias"):
+            raise ValueError(f"positions must be 'none', 'rope' or 'timestep_bias', "
+                             f"got {self.positions!r}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"positions='rope' needs an even head width; d_model / num_heads "
+                             f"= {self.d_model} / {self.num_heads} = {self.head_dim}")
+        if not (math.isfinite(self.rope_base) and self.rope_base > 1):
+            raise ValueError(f"rope_base must be a finite number > 1, got {self.rope_base}")
         if self.ffn not in ("dense", "moe"):
             raise ValueError(f"ffn must be 'dense' or 'moe', got {self.ffn!r}")
         if self.ffn == "moe" and self.ffn_hidden % self.moe.granularity:
@@ -199,6 +218,12 @@ class ModelConfig:
         return self.layout.vocab_size
 
     @property
+    def num_value_features(self) -> int:
+        """Features the value map reads (0 for Gato's table)."""
+        return {"table": 0, "smooth": self.value_features,
+                "scalar": len(SCALAR_VALUE_SCALES)}[self.value_embedding]
+
+    @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
@@ -213,7 +238,10 @@ class ModelConfig:
 def upgrade_saved(model: dict) -> dict:
     """A model config as saved by an earlier version, with the values it was trained
     with where a key was added since: ``moe.routed_scale`` (missing: plain renormalized
-    gates, 1.0). Used when loading checkpoints and comparing a resumed run's config."""
+    gates, 1.0) and ``positions`` (missing: "none"). Used when loading checkpoints and
+    comparing a resumed run's config."""
+    if isinstance(model, dict) and "positions" not in model:
+        model = {**model, "positions": "none"}
     moe = model.get("moe")
     if model.get("ffn") == "moe" and isinstance(moe, dict) and "routed_scale" not in moe:
         model = {**model, "moe": {**moe, "routed_scale": 1.0}}

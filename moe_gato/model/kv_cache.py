@@ -9,17 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-def step_ids(timestep_BL: torch.Tensor, first_B: torch.Tensor | None = None,
-             last_ts_B: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, L) monotone step numbers: +1 wherever the timestep label changes along a row
-    (a prompt's timesteps, then the episode's, then padding each count as new steps).
-    ``first_B`` / ``last_ts_B`` continue a row whose earlier positions ended at step
-    ``first_B`` with label ``last_ts_B`` (the KV cache's calls)."""
-    prev_BL = torch.cat([timestep_BL[:, :1] if last_ts_B is None else last_ts_B[:, None],
-                         timestep_BL[:, :-1]], dim=1)
-    steps_BL = (timestep_BL != prev_BL).long().cumsum(1)
-    return steps_BL if first_B is None else steps_BL + first_B[:, None]
+from moe_gato.model.positions import Rotary, coordinates, rotate
 
 
 def hidden_past_actions(is_action_BS: torch.Tensor, step_BS: torch.Tensor,
@@ -48,64 +38,85 @@ class KVCache:
     Per layer ``(B, H, C, Dh)`` buffers of capacity C (grown when needed); slots
     ``[0, length)`` have been written. ``valid_BC`` says which written slots each row's
     queries may attend to: padding a row did not use (``batch["valid"]``) and evicted
-    slots are invalid. Gato has no global positions (only local positions within a
-    timestep), so attention does not care where a key sits: eviction just invalidates
-    slots, and when the buffer is full the live slots are compacted to the front in order.
-    ``slot_tag_C`` holds a caller's label per slot (the policy stores timestep numbers there
-    to evict whole timesteps).
+    slots are invalid. When the buffer is full the live slots are compacted to the front in
+    order. ``slot_tag_C`` holds a caller's label per slot (the policy stores timestep numbers
+    there to evict whole timesteps).
+
+    Coordinates (``moe_gato.model.positions``): every slot keeps its position and timestep
+    number (``slot_pos_BC``, ``slot_step_BC``), counted over the row's valid slots. An
+    eviction renumbers the live slots as the recomputed window numbers them (a prompt kept
+    in front of evicted timesteps moves up to the oldest kept one), anchored at each row's
+    newest slot, so that the distances attention sees are those of training; with rotary
+    positions (``rotary``) the keys of renumbered slots are rotated by their shift.
     """
 
-    def __init__(self, num_layers: int, *, capacity: int = 0):
+    def __init__(self, num_layers: int, *, capacity: int = 0, hide_past_actions: bool = False,
+                 always_mask: bool = False, rotary: Rotary | None = None):
+        """``hide_past_actions``: action slots of earlier timesteps are hidden from later
+        queries (``past_actions="hide"``); ``always_mask``: every call gets a mask (the
+        timestep bias is added to it); ``rotary``: the keys are stored rotated by it."""
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.capacity = capacity
+        self.hide_past_actions = hide_past_actions
+        self.always_mask = always_mask
+        self.rotary = rotary
         self.length = 0               # slots written, before this call's
         self.valid_BC: torch.Tensor | None = None
         self.slot_tag_C: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._pending = 0             # positions of the call in progress
-        # past_actions="hide": per slot its step number and whether it holds an action;
-        # per row the step and timestep label of its last written position
+        # per slot: coordinates, whether it opens a timestep, whether it holds an action;
+        # per row: the coordinates of its last written position
+        self.slot_pos_BC: torch.Tensor | None = None
         self.slot_step_BC: torch.Tensor | None = None
+        self.slot_start_BC: torch.Tensor | None = None
         self.slot_action_BC: torch.Tensor | None = None
+        self.pos_B: torch.Tensor | None = None
         self.step_B: torch.Tensor | None = None
-        self.last_ts_B: torch.Tensor | None = None
+        #: coordinates of the call in progress (B, L), and the keys' steps (B, S)
+        self.call_pos_BL: torch.Tensor | None = None
+        self.call_step_BL: torch.Tensor | None = None
+        self.key_step_BS: torch.Tensor | None = None
 
     # --- the model calls these ----------------------------------------------------
     def begin(self, valid_BL: torch.Tensor | None, B: int, L: int, device, *,
-              timestep_BL: torch.Tensor | None = None,
-              is_action_BL: torch.Tensor | None = None) -> None:
-        """Reserves slots ``[length, length + L)`` for a forward call of L positions. With
-        ``timestep_BL`` and ``is_action_BL`` (a model with ``past_actions="hide"``), action
-        slots of earlier steps are hidden from this call's queries."""
+              starts_BL: torch.Tensor, is_action_BL: torch.Tensor) -> None:
+        """Reserves slots ``[length, length + L)`` for a forward call of L positions
+        (``starts_BL``: positions that open a timestep; ``is_action_BL``: action tokens),
+        numbers them after each row's last position and builds the call's mask."""
         if self.valid_BC is None:
             cap = max(self.capacity, L)
             self.valid_BC = torch.zeros(B, cap, dtype=torch.bool, device=device)
             self.slot_tag_C = torch.full((cap,), -1, dtype=torch.long, device=device)
-            if timestep_BL is not None:
-                self.slot_step_BC = torch.zeros(B, cap, dtype=torch.long, device=device)
-                self.slot_action_BC = torch.zeros(B, cap, dtype=torch.bool, device=device)
+            self.slot_pos_BC = torch.zeros(B, cap, dtype=torch.long, device=device)
+            self.slot_step_BC = torch.zeros(B, cap, dtype=torch.long, device=device)
+            self.slot_start_BC = torch.zeros(B, cap, dtype=torch.bool, device=device)
+            self.slot_action_BC = torch.zeros(B, cap, dtype=torch.bool, device=device)
+            self.pos_B = torch.full((B,), -1, dtype=torch.long, device=device)
+            self.step_B = torch.full((B,), -1, dtype=torch.long, device=device)
         if self.valid_BC.shape[0] != B:
             raise ValueError(f"the cache holds {self.valid_BC.shape[0]} rows, this call has {B}")
         if self.length + L > self.valid_BC.shape[1]:
             self._compact(L)
         n = self.length
-        self.valid_BC[:, n:n + L] = True if valid_BL is None else valid_BL
-        self.slot_tag_C[n:n + L] = -1
-        self._pending = L
         S = n + L
+        self.valid_BC[:, n:S] = True if valid_BL is None else valid_BL
+        self.slot_tag_C[n:S] = -1
+        self._pending = L
+        pos_BL, step_BL = coordinates(starts_BL, valid_BL, self.pos_B, self.step_B)
+        self.slot_pos_BC[:, n:S], self.slot_step_BC[:, n:S] = pos_BL, step_BL
+        self.slot_start_BC[:, n:S], self.slot_action_BC[:, n:S] = starts_BL, is_action_BL
+        self.pos_B, self.step_B = pos_BL[:, -1], step_BL[:, -1]
+        self.call_pos_BL, self.call_step_BL = pos_BL, step_BL
+        self.key_step_BS = self.slot_step_BC[:, :S]
         hidden_BLS = None
-        if timestep_BL is not None:
-            step_BL = step_ids(timestep_BL, self.step_B, self.last_ts_B)
-            self.slot_step_BC[:, n:S] = step_BL
-            self.slot_action_BC[:, n:S] = is_action_BL
-            self.step_B, self.last_ts_B = step_BL[:, -1], timestep_BL[:, -1]
-            hidden_BLS = hidden_past_actions(self.slot_action_BC[:, :S],
-                                             self.slot_step_BC[:, :S], step_BL)
+        if self.hide_past_actions:
+            hidden_BLS = hidden_past_actions(self.slot_action_BC[:, :S], self.key_step_BS, step_BL)
             if not bool(hidden_BLS.any()):
                 hidden_BLS = None
         # a mask is needed once any written slot is invalid for some row or hidden
-        if hidden_BLS is None and bool(self.valid_BC[:, :S].all()):
+        if not self.always_mask and hidden_BLS is None and bool(self.valid_BC[:, :S].all()):
             self._mask = None
         else:
             self._mask = attention_mask(self.valid_BC[:, :S], n, L, hidden_BLS)
@@ -151,21 +162,53 @@ class KVCache:
         self.slot_tag_C[start:stop] = value
 
     def evict(self, slots_C: torch.Tensor) -> None:
-        """Invalidates the written slots where ``slots_C`` (bool, over ``length``) is True."""
+        """Invalidates the written slots where ``slots_C`` (bool, over ``length``) is True,
+        then renumbers the live ones."""
         self.valid_BC[:, :self.length] &= ~slots_C
+        self._renumber()
+
+    def live_coordinates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(valid_BS, pos_BS, step_BS) of the written slots: what attention sees."""
+        S = self.length
+        return self.valid_BC[:, :S], self.slot_pos_BC[:, :S], self.slot_step_BC[:, :S]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keeps only batch rows ``rows`` (environments whose episode goes on)."""
-        self.valid_BC = self.valid_BC.index_select(0, rows)
-        if self.slot_step_BC is not None:
-            self.slot_step_BC = self.slot_step_BC.index_select(0, rows)
-            self.slot_action_BC = self.slot_action_BC.index_select(0, rows)
-            self.step_B = self.step_B.index_select(0, rows)
-            self.last_ts_B = self.last_ts_B.index_select(0, rows)
+        for name in ("valid_BC", "slot_pos_BC", "slot_step_BC", "slot_start_BC",
+                     "slot_action_BC", "pos_B", "step_B"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
         for i, k in enumerate(self.k):
             if k is not None:
                 self.k[i] = k.index_select(0, rows)
                 self.v[i] = self.v[i].index_select(0, rows)
+
+    def _renumber(self) -> None:
+        """Live slots get the coordinates of their order among the row's live slots, plus a
+        per-row constant that keeps the row's newest live slot where it is."""
+        S = self.length
+        valid_BS = self.valid_BC[:, :S]
+        if S == 0 or not bool(valid_BS.any()):
+            return
+        live_pos_BS = valid_BS.long().cumsum(1)
+        live_step_BS = (self.slot_start_BC[:, :S] & valid_BS).long().cumsum(1)
+        newest_B = S - 1 - valid_BS.flip(1).long().argmax(1)
+        rows_B = torch.arange(valid_BS.shape[0], device=valid_BS.device)
+        pos_BS, step_BS = self.slot_pos_BC[:, :S], self.slot_step_BC[:, :S]
+        new_pos_BS = live_pos_BS + (pos_BS[rows_B, newest_B] - live_pos_BS[rows_B, newest_B])[:, None]
+        new_step_BS = live_step_BS + (step_BS[rows_B, newest_B]
+                                      - live_step_BS[rows_B, newest_B])[:, None]
+        shift_BS = torch.where(valid_BS, new_pos_BS - pos_BS, 0)
+        pos_BS.copy_(torch.where(valid_BS, new_pos_BS, pos_BS))
+        step_BS.copy_(torch.where(valid_BS, new_step_BS, step_BS))
+        if self.rotary is None:
+            return
+        moved_n = shift_BS.any(0).nonzero().squeeze(1)
+        if moved_n.numel() == 0:
+            return
+        cos_B1nd, sin_B1nd = self.rotary.cos_sin(shift_BS[:, moved_n])
+        for k in self.k:
+            if k is not None:
+                k[:, :, moved_n] = rotate(k[:, :, moved_n], cos_B1nd, sin_B1nd)
 
     def _compact(self, incoming: int) -> None:
         """Moves live slots to the front in order; grows the buffer when still too small."""
@@ -174,22 +217,19 @@ class KVCache:
         cap = self.valid_BC.shape[1]
         if n + incoming > cap:
             cap = max(2 * cap, n + incoming)
-        valid = torch.zeros(self.valid_BC.shape[0], cap, dtype=torch.bool,
-                            device=self.valid_BC.device)
-        valid[:, :n] = self.valid_BC.index_select(1, keep_S)
-        tag = torch.full((cap,), -1, dtype=torch.long, device=self.valid_BC.device)
-        tag[:n] = self.slot_tag_C.index_select(0, keep_S)
-        if self.slot_step_BC is not None:
-            step = self.slot_step_BC.new_zeros(self.slot_step_BC.shape[0], cap)
-            step[:, :n] = self.slot_step_BC.index_select(1, keep_S)
-            action = self.slot_action_BC.new_zeros(self.slot_action_BC.shape[0], cap)
-            action[:, :n] = self.slot_action_BC.index_select(1, keep_S)
-            self.slot_step_BC, self.slot_action_BC = step, action
-        for i, k in enumerate(self.k):
-            if k is None:
-                continue
-            for buf in (self.k, self.v):
-                new = buf[i].new_zeros(*buf[i].shape[:2], cap, buf[i].shape[3])
-                new[:, :, :n] = buf[i].index_select(2, keep_S)
-                buf[i] = new
-        self.valid_BC, self.slot_tag_C, self.length = valid, tag, n
+
+        def moved(buf: torch.Tensor, dim: int, fill=0) -> torch.Tensor:
+            shape = list(buf.shape)
+            shape[dim] = cap
+            new = torch.full(shape, fill, dtype=buf.dtype, device=buf.device)
+            new.narrow(dim, 0, n).copy_(buf.index_select(dim, keep_S))
+            return new
+
+        self.slot_tag_C = moved(self.slot_tag_C, 0, -1)
+        for name in ("valid_BC", "slot_pos_BC", "slot_step_BC", "slot_start_BC", "slot_action_BC"):
+            setattr(self, name, moved(getattr(self, name), 1))
+        for buf in (self.k, self.v):
+            for i, t in enumerate(buf):
+                if t is not None:
+                    buf[i] = moved(t, 2)
+        self.length = n

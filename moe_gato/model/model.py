@@ -5,7 +5,8 @@ present), D width, H heads, Dh head width, V vocabulary, P image patches in the 
 C patch channels. T = B * L flattened positions.
 
 Batch format: ``moe_gato.tokenizer.layout.collate``. Logits at position i predict token
-i + 1; the loss counts position i + 1 when ``loss_mask[i + 1]`` (text and actions only).
+i + 1; the loss counts position i + 1 when ``loss_mask[i + 1]`` (text and actions only),
+weighted by ``loss_weight[i + 1]`` when the batch has one (``target_weights``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_gato.model.config import ModelConfig
-from moe_gato.model.kv_cache import KVCache, attention_mask, hidden_past_actions, step_ids
+from moe_gato.model.config import SCALAR_VALUE_SCALES, ModelConfig
+from moe_gato.model.kv_cache import KVCache, attention_mask, hidden_past_actions
 from moe_gato.model.moe import FeedForward, GroupRouting, ModalityRoutedMoE, init_moe_
+from moe_gato.model.positions import (Rotary, coordinates, rotate, step_bias_mask, step_slopes,
+                                      timestep_starts)
 from moe_gato.tokenizer.layout import ACTION_KINDS, ACTION_LOCAL_POS, LOSS_KINDS, Kind
+
+
+def target_weights(batch: dict) -> torch.Tensor:
+    """(B, L - 1) weight of each next-token target: ``batch["loss_weight"]`` where the loader
+    weighted the targets (``MixtureConfig.loss_weighting``), else 1 on every target."""
+    weight_BL = batch.get("loss_weight")
+    if weight_BL is None:
+        return batch["loss_mask"][:, 1:].float()
+    return weight_BL[:, 1:] * batch["loss_mask"][:, 1:]
 
 
 class PatchEmbedding(nn.Module):
@@ -53,6 +65,13 @@ def value_features(num_bins: int, n: int) -> torch.Tensor:
     return (torch.cat([phase_BF.sin(), phase_BF.cos()], 1) * math.sqrt(2 / n)).float()
 
 
+def scalar_features(num_bins: int) -> torch.Tensor:
+    """(num_bins, 5) ``tanh(s * v)`` for the scales of ``SCALAR_VALUE_SCALES``, v the bin
+    centre's mu-law value in [-1, 1]: the value itself, resolved finely near 0."""
+    v_B1 = ((torch.arange(num_bins, dtype=torch.float64) + 0.5) / num_bins * 2 - 1)[:, None]
+    return torch.tanh(v_B1 * torch.tensor(SCALAR_VALUE_SCALES, dtype=torch.float64)).float()
+
+
 class GatoEmbedding(nn.Module):
     """Token table for every id; image positions take their patch embedding plus row and
     column embeddings; every position adds its local position (shared one for actions).
@@ -61,8 +80,9 @@ class GatoEmbedding(nn.Module):
 
     ``value_embedding="smooth"``: the continuous-value bins' rows are the table's plus
     ``value_features @ value_basis``, a learned map shared by all bins, so a bin seen
-    rarely still sits between its neighbours. With tied embeddings the output head uses
-    the same rows (``weight()``)."""
+    rarely still sits between its neighbours; ``"scalar"`` adds a learned map of the bin's
+    value at five resolutions (``scalar_features``) to Gato's table. With tied embeddings
+    the output head uses the same rows (``weight()``)."""
 
     uniform_graph: bool = False
 
@@ -76,11 +96,11 @@ class GatoEmbedding(nn.Module):
         self.local_pos = nn.Embedding(cfg.max_local_positions, cfg.d_model)
         self.action_pos_D = nn.Parameter(torch.zeros(cfg.d_model))
         self.value_basis = None
-        if cfg.value_embedding == "smooth":
-            self.value_basis = nn.Parameter(torch.zeros(cfg.value_features, cfg.d_model))
-            self.register_buffer("value_features_BF",
-                                 value_features(cfg.num_bins, cfg.value_features),
-                                 persistent=False)
+        if cfg.value_embedding != "table":
+            self.value_basis = nn.Parameter(torch.zeros(cfg.num_value_features, cfg.d_model))
+            features_BF = (value_features(cfg.num_bins, cfg.value_features)
+                           if cfg.value_embedding == "smooth" else scalar_features(cfg.num_bins))
+            self.register_buffer("value_features_BF", features_BF, persistent=False)
 
     def weight(self) -> torch.Tensor:
         """(V, D) rows of every token id, as the input embedding and a tied head use them."""
@@ -118,6 +138,17 @@ class GatoEmbedding(nn.Module):
         return x_BLD + pos_BLD
 
 
+@dataclasses.dataclass
+class AttentionInputs:
+    """What every layer's attention shares in one forward call: the mask (None: plain
+    causal; bool; or float with the timestep bias added) and the rotary angles of this
+    call's positions (``positions="rope"``)."""
+
+    mask: torch.Tensor | None = None       # (B, 1 or H, L, S)
+    cos: torch.Tensor | None = None        # (B, 1, L, Dh / 2)
+    sin: torch.Tensor | None = None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -126,17 +157,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x_BLD: torch.Tensor, cache: KVCache | None, layer: int,
-                mask_B1LS: torch.Tensor | None = None) -> torch.Tensor:
+                attn: AttentionInputs) -> torch.Tensor:
         B, L, D = x_BLD.shape
         q_BHLd, k_BHSd, v_BHSd = (self.qkv(x_BLD).view(B, L, 3, self.num_heads, -1)
                                   .permute(2, 0, 3, 1, 4))  # (3, B, H, L, Dh)
+        if attn.cos is not None:  # keys enter the cache rotated by their own position
+            q_BHLd, k_BHSd = rotate(q_BHLd, attn.cos, attn.sin), rotate(k_BHSd, attn.cos, attn.sin)
         past = 0
         if cache is not None:
             past = cache.length
             k_BHSd, v_BHSd = cache.append(layer, k_BHSd, v_BHSd)
-            mask_B1LS = cache.attn_mask
-        if mask_B1LS is not None:
-            o_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, attn_mask=mask_B1LS)
+        mask = attn.mask
+        if mask is not None:
+            if mask.is_floating_point():
+                mask = mask.to(q_BHLd.dtype)
+            o_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, attn_mask=mask)
         elif past == 0:
             o_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, is_causal=True)
         else:  # query i sits at position past + i and sees keys 0 .. past + i
@@ -158,8 +193,8 @@ class Block(nn.Module):
                     else FeedForward(cfg.d_model, cfg.ffn_hidden))
 
     def forward(self, x_BLD: torch.Tensor, kinds_BL: torch.Tensor, cache: KVCache | None,
-                mask_B1LS: torch.Tensor | None = None):
-        x_BLD = x_BLD + self.attn(self.norm1(x_BLD), cache, self.layer, mask_B1LS)
+                attn: AttentionInputs):
+        x_BLD = x_BLD + self.attn(self.norm1(x_BLD), cache, self.layer, attn)
         h_BLD = self.norm2(x_BLD)
         if isinstance(self.ffn, FeedForward):
             return x_BLD + self.ffn(h_BLD), None
@@ -187,6 +222,9 @@ class GatoModel(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size,
                                                                bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base) if cfg.positions == "rope" else None
+        if cfg.positions == "timestep_bias":  # fixed, derived from the config: not saved
+            self.register_buffer("step_slopes_H", step_slopes(cfg.num_heads), persistent=False)
         self.reset_parameters()
 
     def set_uniform_graph(self, uniform: bool) -> None:
@@ -207,10 +245,11 @@ class GatoModel(nn.Module):
         for block in self.blocks:
             if isinstance(block.ffn, ModalityRoutedMoE):
                 init_moe_(block.ffn, std, out_std)
-        if self.embed.value_basis is not None:  # the bins start as the smooth map alone
-            lo = self.cfg.layout.continuous_start
-            with torch.no_grad():
-                self.embed.tokens.weight[lo:lo + self.cfg.num_bins].zero_()
+        if self.embed.value_basis is not None:
+            if self.cfg.value_embedding == "smooth":  # the bins start as the smooth map alone
+                lo = self.cfg.layout.continuous_start
+                with torch.no_grad():
+                    self.embed.tokens.weight[lo:lo + self.cfg.num_bins].zero_()
             nn.init.normal_(self.embed.value_basis, std=std)
 
     def forward(self, batch: dict, *, cache: KVCache | None = None, compute_loss: bool = True,
@@ -222,24 +261,12 @@ class GatoModel(nn.Module):
         and no loss is computed)."""
         kinds_BL = batch["kinds"]
         B, L = kinds_BL.shape
-        valid_BL, mask_B1LS = batch.get("valid"), None
-        hide = self.cfg.past_actions == "hide"
-        is_action_BL = torch.isin(kinds_BL, self._action_kinds(kinds_BL.device)) if hide else None
-        if cache is not None:
-            cache.begin(valid_BL, B, L, kinds_BL.device,
-                        timestep_BL=batch["timestep"] if hide else None, is_action_BL=is_action_BL)
-        elif hide or (valid_BL is not None and not bool(valid_BL.all())):
-            valid_BS = valid_BL if valid_BL is not None else kinds_BL.new_ones(B, L, dtype=torch.bool)
-            hidden_BLS = None
-            if hide:
-                step_BL = step_ids(batch["timestep"])
-                hidden_BLS = hidden_past_actions(is_action_BL, step_BL, step_BL)
-            mask_B1LS = attention_mask(valid_BS, 0, L, hidden_BLS)
+        attn = self._attention_inputs(batch, cache)
         token_rows_VD = self.embed.weight()  # once: the input table and a tied head
         x_BLD = self.embed(batch, token_rows_VD)
         routing = []
         for block in self.blocks:
-            x_BLD, r = block(x_BLD, kinds_BL, cache, mask_B1LS)
+            x_BLD, r = block(x_BLD, kinds_BL, cache, attn)
             if r is not None:
                 routing.append(r)
         if cache is not None:
@@ -260,13 +287,47 @@ class GatoModel(nn.Module):
     def _action_kinds(device) -> torch.Tensor:
         return torch.tensor([int(k) for k in ACTION_KINDS], device=device)
 
+    def _attention_inputs(self, batch: dict, cache: KVCache | None) -> AttentionInputs:
+        """The mask and position signals of this call, from each position's coordinates
+        (``moe_gato.model.positions``); with a cache, the cache numbers the call's
+        positions after the slots it holds."""
+        cfg, kinds_BL, valid_BL = self.cfg, batch["kinds"], batch.get("valid")
+        B, L = kinds_BL.shape
+        hide, bias = cfg.past_actions == "hide", cfg.positions == "timestep_bias"
+        if cache is None and not (hide or bias or self.rotary is not None):
+            if valid_BL is None or bool(valid_BL.all()):
+                return AttentionInputs()
+            return AttentionInputs(mask=attention_mask(valid_BL, 0, L))
+        starts_BL = timestep_starts(kinds_BL, batch["local_pos"])
+        is_action_BL = torch.isin(kinds_BL, self._action_kinds(kinds_BL.device))
+        if cache is not None:
+            cache.begin(valid_BL, B, L, kinds_BL.device, starts_BL=starts_BL,
+                        is_action_BL=is_action_BL)
+            mask_B1LS, pos_BL = cache.attn_mask, cache.call_pos_BL
+            step_BL, key_step_BS = cache.call_step_BL, cache.key_step_BS
+        else:
+            pos_BL, step_BL = coordinates(starts_BL, valid_BL)
+            key_step_BS = step_BL
+            mask_B1LS = None
+            if hide or bias or (valid_BL is not None and not bool(valid_BL.all())):
+                valid_BS = valid_BL if valid_BL is not None else torch.ones_like(starts_BL)
+                hidden_BLS = hidden_past_actions(is_action_BL, step_BL, step_BL) if hide else None
+                mask_B1LS = attention_mask(valid_BS, 0, L, hidden_BLS)
+        attn = AttentionInputs(mask=mask_B1LS)
+        if bias:
+            attn.mask = step_bias_mask(mask_B1LS, step_BL, key_step_BS, self.step_slopes_H,
+                                       torch.float32)
+        if self.rotary is not None:
+            attn.cos, attn.sin = self.rotary.cos_sin(pos_BL)
+        return attn
+
     def _losses(self, out: ModelOutput, batch: dict) -> None:
         logits_BLV = out.logits[:, :-1]
         targets_BL, mask_BL = batch["tokens"][:, 1:], batch["loss_mask"][:, 1:]
         nll_BL = F.cross_entropy(logits_BLV.float().flatten(0, 1), targets_BL.flatten(),
                                  reduction="none").view_as(targets_BL)
-        mask = mask_BL.to(nll_BL.dtype)
-        out.lm_loss = (nll_BL * mask).sum() / mask.sum().clamp(min=1)
+        weight_BL = target_weights(batch).to(nll_BL.dtype)
+        out.lm_loss = (nll_BL * weight_BL).sum() / weight_BL.sum().clamp(min=1e-12)
         target_kinds_BL = batch["kinds"][:, 1:]
         for kind in LOSS_KINDS:
             sel = mask_BL & (target_kinds_BL == kind)
@@ -288,7 +349,9 @@ class GatoModel(nn.Module):
             moe.update_bias(r)
 
     def new_cache(self, capacity: int = 0) -> KVCache:
-        return KVCache(self.cfg.num_layers, capacity=capacity)
+        return KVCache(self.cfg.num_layers, capacity=capacity,
+                       hide_past_actions=self.cfg.past_actions == "hide",
+                       always_mask=self.cfg.positions == "timestep_bias", rotary=self.rotary)
 
     @torch.no_grad()
     def generate(self, batch: dict, num_tokens: int, *, kind: Kind = Kind.DISCRETE_ACTION,

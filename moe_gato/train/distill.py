@@ -67,22 +67,29 @@ class DistillationLoss:
         part = self.hard(model, batch)
         with torch.no_grad():
             teacher_BLV = self.teacher(batch, compute_loss=False).logits
-        kl = soft_target_kl(part.out.logits, teacher_BLV, batch["loss_mask"], self.temperature)
+        kl = soft_target_kl(part.out.logits, teacher_BLV, batch["loss_mask"], self.temperature,
+                            batch.get("loss_weight"))
         loss = self.alpha * part.loss + (1 - self.alpha) * self.temperature**2 * kl
         return ObjectivePart(loss=loss, aux=part.aux, out=part.out,
                              parts={"ce": part.loss.detach(), "kl": kl.detach()})
 
 
 def soft_target_kl(student_BLV: torch.Tensor, teacher_BLV: torch.Tensor,
-                   loss_mask_BL: torch.Tensor, temperature: float) -> torch.Tensor:
+                   loss_mask_BL: torch.Tensor, temperature: float,
+                   loss_weight_BL: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the target positions of KL(teacher_T || student_T), next-token aligned
-    like the model's loss (position l predicts token l + 1 where ``loss_mask[l + 1]``)."""
+    like the model's loss (position l predicts token l + 1 where ``loss_mask[l + 1]``),
+    weighted like it by ``loss_weight`` when the loader weights the targets."""
     mask_BL = loss_mask_BL[:, 1:].bool()
     s_NV = (student_BLV[:, :-1][mask_BL].float() / temperature).log_softmax(-1)
     t_NV = (teacher_BLV[:, :-1][mask_BL].float() / temperature).log_softmax(-1)
     if s_NV.shape[0] == 0:
         return student_BLV.new_zeros((), dtype=torch.float32) + 0.0 * student_BLV.sum()
-    return F.kl_div(s_NV, t_NV, log_target=True, reduction="batchmean")
+    if loss_weight_BL is None:
+        return F.kl_div(s_NV, t_NV, log_target=True, reduction="batchmean")
+    w_N = loss_weight_BL[:, 1:][mask_BL].float()
+    kl_N = F.kl_div(s_NV, t_NV, log_target=True, reduction="none").sum(-1)
+    return (kl_N * w_N).sum() / w_N.sum().clamp(min=1e-12)
 
 
 # ------------------------------------------------------------------- initialisation

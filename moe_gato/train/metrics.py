@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from moe_gato.tokenizer import KIND_NAMES
-from moe_gato.tokenizer.layout import ACTION_KINDS
+from moe_gato.tokenizer.layout import ACTION_KINDS, Kind
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 KIND_NAMES_INDEX = {name: int(k) for k, name in KIND_NAMES.items()}
@@ -77,9 +77,11 @@ def add_kind_losses(sums_K2: torch.Tensor, batch: dict, out) -> None:
         sums_K2[k, 1] += n
 
 
-def action_hits(logits_BLV: torch.Tensor, batch: dict, layout) -> tuple[int, int]:
-    """(correct, total) teacher-forced action predictions: the argmax over the target's own
-    id range (as a policy decodes) equals the expert's action token."""
+def action_hits(logits_BLV: torch.Tensor, batch: dict, layout,
+                num_choices: int | None = None) -> tuple[int, int]:
+    """(correct, total) teacher-forced action predictions: the argmax over the ids a policy
+    decodes among (the target kind's range; for discrete actions only its first
+    ``num_choices``, the task's actions) equals the expert's action token."""
     targets_BL, kinds_BL = batch["tokens"][:, 1:], batch["kinds"][:, 1:]
     logits_BLV = logits_BLV[:, :-1]
     correct = total = 0
@@ -87,6 +89,8 @@ def action_hits(logits_BLV: torch.Tensor, batch: dict, layout) -> tuple[int, int
         sel_BL = batch["loss_mask"][:, 1:] & (kinds_BL == kind)
         if sel_BL.any():
             lo, hi = layout.id_range(kind)
+            if kind == Kind.DISCRETE_ACTION and num_choices is not None:
+                hi = lo + num_choices
             pred = logits_BLV[sel_BL][:, lo:hi].argmax(-1) + lo
             correct += int((pred == targets_BL[sel_BL]).sum())
             total += int(sel_BL.sum())

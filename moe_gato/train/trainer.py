@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from moe_gato.config import save_config, to_dict
 from moe_gato.model import build_model
+from moe_gato.model.model import target_weights
 from moe_gato.model.config import upgrade_saved
 from moe_gato.tokenizer import KIND_NAMES, collate
 from moe_gato.train import checkpoint as ckpt
@@ -297,7 +298,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = [self.micro_batch(self.step, m) for m in range(self.accum)]
-        targets = torch.tensor([float(b["loss_mask"][:, 1:].sum()) for b in batches])
+        # the step's target weight (the count of targets unless the loader weights them)
+        targets = torch.tensor([float(target_weights(b).sum()) for b in batches])
         total_targets = all_reduce_sum(targets.sum().clone())
         if total_targets == 0:
             raise TrainingError(f"the batch of step {self.step} holds no target token "
@@ -412,6 +414,8 @@ class Trainer:
             loader = SequenceLoader(cfg, split="validation", seed=12345, data_dir=self.data_dir,
                                     tokenizer=self.loader.tok)
             seqs = [loader.sequence(i) for i in range(self.cfg.eval_sequences)]
+            meta = self.loader.data[task].meta
+            choices = meta.get("action_dim") if meta.get("action_kind") == "discrete" else None
             t_sum, t_n, hits, actions = 0.0, 0.0, 0, 0
             for i in range(0, len(seqs), self.cfg.micro_batch_size):
                 batch = {k: v.to(self.dist.device)
@@ -421,7 +425,7 @@ class Trainer:
                 t_sum += float(out.lm_loss) * n
                 t_n += n
                 add_kind_losses(kinds_K2, batch, out)
-                h, a = action_hits(out.logits, batch, model.cfg.layout)
+                h, a = action_hits(out.logits, batch, model.cfg.layout, choices)
                 hits, actions = hits + h, actions + a
             record[f"eval/loss/{task}"] = t_sum / max(t_n, 1)
             if actions:
