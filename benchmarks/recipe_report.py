@@ -10,15 +10,17 @@
         run: runs/exp/r1-table              # training run (metrics.jsonl)
         eval: runs/exp/r1-table-eval        # `moe-gato eval` output (eval.json)
     routing: {r3-groups: runs/exp/r3-groups}  # router entropy and load per group
-    curve:                                  # normalized score against training tokens
-      run: runs/recipe/tiny-moe
-      evals: [runs/recipe/eval-25, runs/recipe/eval-50, ...]
+    curves:                                 # normalized score against training tokens
+      - label: rotary positions             # one line per run, its evaluated checkpoints
+        run: runs/recipe/tiny-moe
+        evals: [runs/recipe/eval-250, runs/recipe/eval-500, ...]
 
 Per run: tokens and training minutes (from metrics.jsonl: each logged interval's tokens
 over its tokens/s), the last validation loss per modality, and from eval.json the mean
 normalized score per domain over the tasks evaluated, the tasks at >= 50% / >= 80% of
-expert, and the 4 named tasks. Writes the markdown table (``--out``) and, with ``curve``,
-a PNG of mean normalized score per domain against tokens beside it.
+expert, and the named tasks. Writes the markdown table (``--out``) and, with ``curves``,
+a PNG beside it: per curve, the mean normalized score (solid) and per domain (thin)
+against training tokens.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import yaml
 
 MODALITIES = ("text", "discrete_action", "continuous_action")
 NAMED = ("classic/CartPole-v1", "classic/Acrobot-v1", "classic/MountainCar-v0",
-         "babyai/BabyAI-GoToRedBall-v0")
+         "classic/MountainCarContinuous-v0", "babyai/BabyAI-GoToRedBall-v0")
 DOMAINS = ("classic", "babyai", "metaworld", "atari")
 
 
@@ -129,32 +131,40 @@ def routing_table(runs: dict[str, Path], last: int = 50) -> str:
     return "\n".join(lines)
 
 
-def curve_plot(curve: dict, root: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def curve_points(curve: dict, root: Path) -> list[tuple[int, dict]]:
+    """(training tokens, eval summary) of each evaluated checkpoint of one curve's run."""
     points = []
     for ev in curve["evals"]:
         d = json.loads((root / ev / "eval.json").read_text())
         step_dir = Path(d["checkpoint"]).name
         tokens = _tokens_at(root / curve["run"], int(step_dir.split("_")[-1]))
         points.append((tokens, eval_summary(root / ev)))
-    points.sort(key=lambda p: p[0])
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    x = [p[0] / 1e6 for p in points]
-    for d in DOMAINS:
-        y = [p[1]["domains"].get(d) for p in points]
-        if any(v is not None for v in y):
-            ax.plot(x, y, "o-", label=d)
-    ax.plot(x, [p[1]["mean"] for p in points], "k--", lw=2, label="mean (tasks evaluated)")
+    return sorted(points, key=lambda p: p[0])
+
+
+def curve_plot(curves: list[dict], root: Path, png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, curve in enumerate(curves):
+        points = curve_points(curve, root)
+        x = [p[0] / 1e6 for p in points]
+        color = f"C{i}"
+        ax.plot(x, [p[1]["mean"] for p in points], "o-", color=color, lw=2.2,
+                label=f"{curve['label']}: mean of the tasks evaluated")
+        for d, style in zip(DOMAINS, (":", "--", "-.", (0, (1, 3)))):
+            y = [p[1]["domains"].get(d) for p in points]
+            if any(v is not None for v in y):
+                ax.plot(x, y, ls=style, color=color, lw=1, alpha=0.8, label=f"{curve['label']}: {d}")
     ax.axhline(0.8, color="grey", ls=":", lw=1)
     ax.axhline(0.5, color="grey", ls=":", lw=1)
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("normalized score (0 random, 1 expert)")
-    ax.set_title(curve.get("title", "default recipe: score against training tokens"))
-    ax.legend(fontsize=8)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -182,9 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         text = routing_table({k: root / v for k, v in spec["routing"].items()})
         out.with_name(out.stem + "_routing.md").write_text(text + "\n")
         print(text)
-    if spec.get("curve"):
+    curves = spec.get("curves") or ([dict(spec["curve"], label="default recipe")]
+                                    if spec.get("curve") else [])
+    if curves:
         png = out.with_suffix(".png")
-        curve_plot(spec["curve"], root, png)
+        curve_plot(curves, root, png, spec.get("curve_title",
+                                               "normalized score against training tokens"))
         print(f"wrote {png}")
     return 0
 

@@ -219,6 +219,22 @@ def test_resuming_with_another_config_is_refused_naming_the_keys(tmp_path, tiny_
         Trainer(load_train_config(config, ["steps=4"]), run).fit()
 
 
+def test_a_run_saved_before_new_options_resumes_as_it_was_trained(tmp_path, tiny_suite):
+    """A run whose config.yaml predates ``model.positions``, ``model.rope_base``,
+    ``data.loss_weighting`` and ``data.mission_targets`` resumes: a missing key counts as
+    its default (the earlier behaviour); one set otherwise is still a refused change."""
+    config, run = finished_run(tmp_path, tiny_suite)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    for section, key in (("model", "positions"), ("model", "rope_base"),
+                         ("data", "loss_weighting"), ("data", "mission_targets")):
+        del saved[section][key]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    Trainer(load_train_config(config, ["steps=5"]), run).fit()
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match=r"model\.positions: 'none' -> 'rope'"):
+        Trainer(load_train_config(config, ["steps=6", "model.positions=rope"]), run).fit()
+
+
 def test_cli_errors_are_one_line_for_a_changed_model_and_a_training_stop(tmp_path, tiny_suite,
                                                                          capsys, monkeypatch):
     config, run = finished_run(tmp_path, tiny_suite)

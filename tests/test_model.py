@@ -454,3 +454,13 @@ def test_fused_torch_expert_ffn_matches_kernel_path(E, K, T, capacity):
     assert torch.equal(ka, kb)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_builds_on_the_meta_device(path):
+    """A 1.18B MoE must be sizable without allocating it (``torch.device("meta")``): the
+    model counts its parameters exactly as the accounting does, with no storage."""
+    with torch.device("meta"):
+        model = build_model(load_config(path, ["positions=rope"]))
+    assert all(p.is_meta for p in model.parameters())
+    assert model.num_params() == accounting.num_params(model.cfg)

@@ -61,6 +61,11 @@ class MoEConfig:
     capacity_factor: float | None = None  # None: dropless; else capacity per expert
     impl: Literal["torch", "triton"] = "torch"
     gemm: Literal["auto", "grouped", "padded"] = "auto"  # see moe_gato.model.dispatch
+    #: "groups": a loop over the modality groups, each dispatched on its own (host-side
+    #: counts: fastest on the CPU); "columns": every group's experts in one column space,
+    #: counts and offsets kept on the device, no host read (the GPU path); "auto": columns
+    #: on CUDA where it applies (dropless, no expert parallelism), groups elsewhere
+    dispatch: Literal["auto", "groups", "columns"] = "auto"
 
     def __post_init__(self) -> None:
         if not self.groups:
@@ -105,6 +110,11 @@ class MoEConfig:
                              f"got {self.capacity_factor}")
         if self.impl not in ("torch", "triton"):
             raise ValueError(f"impl must be 'torch' or 'triton', got {self.impl!r}")
+        if self.dispatch not in ("auto", "groups", "columns"):
+            raise ValueError(f"dispatch must be 'auto', 'groups' or 'columns', got {self.dispatch!r}")
+        if self.dispatch == "columns" and self.capacity_factor is not None:
+            raise ValueError("dispatch='columns' is dropless; it cannot take a capacity_factor "
+                             "(use 'groups' or 'auto')")
         if self.gemm not in ("auto", "grouped", "padded"):
             raise ValueError(f"gemm must be 'auto', 'grouped' or 'padded', got {self.gemm!r}")
 
@@ -240,7 +250,7 @@ def upgrade_saved(model: dict) -> dict:
     with where a key was added since: ``moe.routed_scale`` (missing: plain renormalized
     gates, 1.0) and ``positions`` (missing: "none"). Used when loading checkpoints and
     comparing a resumed run's config."""
-    if isinstance(model, dict) and "positions" not in model:
+    if isinstance(model, dict) and "positions" not in model:  # kept explicit: a default may move
         model = {**model, "positions": "none"}
     moe = model.get("moe")
     if model.get("ffn") == "moe" and isinstance(moe, dict) and "routed_scale" not in moe:

@@ -32,6 +32,11 @@ Paths (``gemm``; see also ``MoEConfig.gemm``):
   C' = max rows of any expert (destinations shifted to ``e * C' + rank``) and two
   ``torch.bmm``.
 
+Every group at once without host reads (``expert_ffn_columns``, the GPU training path of
+``MoEConfig.dispatch``): all groups' experts stacked in one column space, per-column counts
+and offsets computed and kept on the device, ``F.grouped_mm`` fed the device offsets; every
+shape is fixed by T and K, so nothing waits for the data.
+
 Inference with few tokens (``expert_ffn_few``, no autograd): the experts of all groups in
 one column space ``c`` (group g's expert e is column ``offsets[g] + e``), one ``mm`` per used
 (column, projection) on a view of the stacked weights. A batch-1 decode step streams the
@@ -82,6 +87,31 @@ def expert_ffn(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, gates_TK: torch.
     y_RD = kernels.grouped_gemm(h_RF, w2_EFD, kept_E, impl=impl)
     y_TD = kernels.unpermute(y_RD, dest_TK, gates_TK, impl=impl)
     return y_TD, kept_E
+
+
+def expert_ffn_columns(x_TD: torch.Tensor, cols_TK: torch.Tensor, gates_TK: torch.Tensor,
+                       w1_CDF: torch.Tensor, w2_CFD: torch.Tensor) -> torch.Tensor:
+    """y_TD[t] = sum_k gates[t, k] * FFN_c(x_TD[t]), c = cols_TK[t, k] a column of the stacked
+    experts ``w1_CDF`` / ``w2_CFD``; dropless, differentiable, no host read: rows in
+    column-contiguous order (a stable sort of the T * K slots), device offsets for the grouped
+    GEMMs. Under CUDA autocast the GEMMs run in its dtype (``grouped_mm`` takes bf16 there)."""
+    T, K = cols_TK.shape
+    C = w1_CDF.shape[0]
+    flat_N = cols_TK.reshape(-1)
+    slot_R = torch.argsort(flat_N, stable=True)                      # (R,) R = T * K
+    counts_C = torch.zeros(C, dtype=torch.int32, device=flat_N.device).index_add_(
+        0, flat_N, torch.ones_like(flat_N, dtype=torch.int32))
+    offs_C = counts_C.cumsum(0, dtype=torch.int32)
+    token_R = slot_R // K
+    x_RD = x_TD.index_select(0, token_R)
+    if x_TD.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        x_RD, w1_CDF, w2_CFD = x_RD.to(dtype), w1_CDF.to(dtype), w2_CFD.to(dtype)
+    h_RF = F.gelu(F.grouped_mm(x_RD, w1_CDF, offs=offs_C))
+    y_RD = F.grouped_mm(h_RF, w2_CFD, offs=offs_C)
+    gate_R = gates_TK.reshape(-1).index_select(0, slot_R).to(y_RD.dtype)
+    return x_TD.new_zeros(T, x_TD.shape[1], dtype=y_RD.dtype).index_add(
+        0, token_R, y_RD * gate_R[:, None]).to(x_TD.dtype)
 
 
 def expert_ffn_few(x_TD: torch.Tensor, cols_TK: torch.Tensor, gates_TK: torch.Tensor,

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 from moe_gato.model.config import SCALAR_VALUE_SCALES, ModelConfig
 from moe_gato.model.kv_cache import KVCache, attention_mask, hidden_past_actions
-from moe_gato.model.moe import FeedForward, GroupRouting, ModalityRoutedMoE, init_moe_
+from moe_gato.model.moe import (ColumnRouting, FeedForward, GroupRouting, ModalityRoutedMoE,
+                                init_moe_)
 from moe_gato.model.positions import (Rotary, coordinates, rotate, step_bias_mask, step_slopes,
                                       timestep_starts)
-from moe_gato.tokenizer.layout import ACTION_KINDS, ACTION_LOCAL_POS, LOSS_KINDS, Kind
+from moe_gato.tokenizer.layout import ACTION_KINDS, ACTION_LOCAL_POS, Kind
 
 
 def target_weights(batch: dict) -> torch.Tensor:
@@ -102,6 +103,18 @@ class GatoEmbedding(nn.Module):
                            if cfg.value_embedding == "smooth" else scalar_features(cfg.num_bins))
             self.register_buffer("value_features_BF", features_BF, persistent=False)
 
+    def _check_local_positions(self, local_pos_BL: torch.Tensor) -> None:
+        """Local positions must index the table: checked here on the CPU, by an assertion
+        the device runs on its own on an accelerator (reading the maximum back would stall
+        the host; the loader and the policy check their timesteps' sizes beforehand)."""
+        limit = self.cfg.max_local_positions
+        if local_pos_BL.device.type != "cpu":
+            torch._assert_async(local_pos_BL.max() < limit,
+                                f"a local position is >= max_local_positions ({limit})")
+        elif int(local_pos_BL.max()) >= limit:
+            raise ValueError(f"local position {int(local_pos_BL.max())} >= "
+                             f"max_local_positions ({limit})")
+
     def weight(self) -> torch.Tensor:
         """(V, D) rows of every token id, as the input embedding and a tied head use them."""
         w_VD = self.tokens.weight
@@ -121,17 +134,19 @@ class GatoEmbedding(nn.Module):
         """``weight_VD``: ``weight()`` when the caller has it already."""
         kinds_BL, local_pos_BL = batch["kinds"], batch["local_pos"]
         x_BLD = F.embedding(batch["tokens"], self.weight() if weight_VD is None else weight_VD)
-        is_image_BL = kinds_BL == Kind.IMAGE
         patches = batch.get("patches")
         if patches is not None and (patches.shape[0] > 0 or self.uniform_graph):
-            rc_P4 = batch["image_rc"][is_image_BL]
-            image_PD = (self.patches(batch["patches"].to(x_BLD.dtype))
+            # the P image positions in row-major order: as many as patches, no host read
+            B, L, D = x_BLD.shape
+            image_P = torch.nonzero_static((kinds_BL == Kind.IMAGE).reshape(-1),
+                                           size=patches.shape[0]).squeeze(1)
+            rc_P4 = batch["image_rc"].reshape(B * L, 4).index_select(0, image_P)
+            image_PD = (self.patches(patches.to(x_BLD.dtype))
                         + self.rows(self._bins(rc_P4[:, 0], rc_P4[:, 1]))
                         + self.cols(self._bins(rc_P4[:, 2], rc_P4[:, 3])))
-            x_BLD = x_BLD.masked_scatter(is_image_BL.unsqueeze(-1), image_PD)
-        if int(local_pos_BL.max()) >= self.cfg.max_local_positions:
-            raise ValueError(f"local position {int(local_pos_BL.max())} >= "
-                             f"max_local_positions ({self.cfg.max_local_positions})")
+            x_BLD = x_BLD.reshape(B * L, D).index_copy(0, image_P, image_PD.to(x_BLD.dtype)
+                                                        ).view(B, L, D)
+        self._check_local_positions(local_pos_BL)
         is_action_BL1 = (local_pos_BL == ACTION_LOCAL_POS).unsqueeze(-1)
         pos_BLD = torch.where(is_action_BL1, self.action_pos_D,
                               self.local_pos(local_pos_BL.clamp(min=0)))
@@ -209,8 +224,19 @@ class ModelOutput:
     lm_loss: torch.Tensor | None = None       # masked next-token cross-entropy
     aux_loss: torch.Tensor | None = None      # scaled Switch balancing loss
     z_loss: torch.Tensor | None = None        # scaled router z-loss
-    kind_losses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: (len(Kind), 2) per target kind: sum of its targets' losses, count (unweighted, on
+    #: the device; ``kind_losses`` reads the means)
+    kind_sums_K2: torch.Tensor | None = None
     routing: list[dict[str, GroupRouting]] = dataclasses.field(default_factory=list)
+
+    @property
+    def kind_losses(self) -> dict[str, torch.Tensor]:
+        """Mean loss per target kind present in the batch (a host read of the counts)."""
+        if self.kind_sums_K2 is None:
+            return {}
+        counts = self.kind_sums_K2[:, 1].tolist()
+        return {Kind(k).name.lower(): self.kind_sums_K2[k, 0] / counts[k]
+                for k in range(len(counts)) if counts[k] > 0}
 
 
 class GatoModel(nn.Module):
@@ -328,16 +354,25 @@ class GatoModel(nn.Module):
                                  reduction="none").view_as(targets_BL)
         weight_BL = target_weights(batch).to(nll_BL.dtype)
         out.lm_loss = (nll_BL * weight_BL).sum() / weight_BL.sum().clamp(min=1e-12)
-        target_kinds_BL = batch["kinds"][:, 1:]
-        for kind in LOSS_KINDS:
-            sel = mask_BL & (target_kinds_BL == kind)
-            if sel.any():
-                out.kind_losses[kind.name.lower()] = nll_BL[sel].mean().detach()
-        zero = out.lm_loss.new_zeros(())
-        groups = [g for layer in out.routing for g in layer.values()]
-        n = max(len(groups), 1)
-        out.aux_loss = self.cfg.moe.aux_loss_coef * sum((g.aux_loss for g in groups), zero) / n
-        out.z_loss = self.cfg.moe.z_loss_coef * sum((g.z_loss for g in groups), zero) / n
+        # per target kind: (sum, count) by scatter, no host read
+        kind_BL = torch.where(mask_BL, batch["kinds"][:, 1:], len(Kind))
+        sums_K2 = nll_BL.new_zeros(len(Kind) + 1, 2).index_put_(
+            (kind_BL.reshape(-1),), torch.stack([nll_BL.detach().reshape(-1),
+                                                 torch.ones_like(nll_BL).reshape(-1)], 1),
+            accumulate=True)
+        out.kind_sums_K2 = sums_K2[:len(Kind)]
+        # means over the (layer, group) pairs that routed tokens; the column-space
+        # dispatch keeps its sums and count on the device
+        aux_sum = z_sum = n = out.lm_loss.new_zeros(())
+        for layer in out.routing:
+            if isinstance(layer, ColumnRouting):
+                aux_sum, z_sum, n = aux_sum + layer.aux_sum, z_sum + layer.z_sum, n + layer.present
+            else:
+                for g in layer.values():
+                    aux_sum, z_sum, n = aux_sum + g.aux_loss, z_sum + g.z_loss, n + 1
+        n = n.clamp(min=1)
+        out.aux_loss = self.cfg.moe.aux_loss_coef * aux_sum / n
+        out.z_loss = self.cfg.moe.z_loss_coef * z_sum / n
         out.loss = out.lm_loss + out.aux_loss + out.z_loss
 
     # ---- balancing, decoding --------------------------------------------------------

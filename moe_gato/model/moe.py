@@ -20,6 +20,7 @@ training and for many tokens.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import math
@@ -29,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_gato.model.config import ModelConfig
-from moe_gato.model.dispatch import expert_capacity, expert_ffn, expert_ffn_few
+from moe_gato.model.dispatch import (expert_capacity, expert_ffn, expert_ffn_columns,
+                                     expert_ffn_few)
 from moe_gato.tokenizer.layout import Kind
 
 
@@ -57,6 +59,38 @@ class DeferredRouting(GroupRouting):
         compute = self.__dict__.pop("_compute")
         self.__dict__.update(compute())
         return getattr(self, name)
+
+
+class ColumnRouting(collections.abc.Mapping):
+    """One layer's routing by the column-space dispatch (``MoEConfig.dispatch``). The loss
+    terms stay on the device: ``aux_sum`` and ``z_sum`` over the groups that had tokens,
+    ``present`` their count. Read as a mapping (metrics, bias balancing, tests) it holds a
+    ``GroupRouting`` per group with tokens, computed then; that read waits for the device."""
+
+    def __init__(self, names: list[str], present_G: torch.Tensor, aux_G: torch.Tensor,
+                 z_G: torch.Tensor, record):
+        self.names, self.present_G, self._record = names, present_G, record
+        self.aux_G, self.z_G = aux_G, z_G
+        self.aux_sum = (aux_G * present_G).sum()
+        self.z_sum = (z_G * present_G).sum()
+        self.present = present_G.sum()
+        self._groups: dict[str, GroupRouting] | None = None
+
+    def _read(self) -> dict[str, GroupRouting]:
+        if self._groups is None:
+            present = self.present_G.tolist()
+            self._groups = {name: DeferredRouting(functools.partial(self._record, g))
+                            for g, name in enumerate(self.names) if present[g]}
+        return self._groups
+
+    def __getitem__(self, name: str) -> GroupRouting:
+        return self._read()[name]
+
+    def __iter__(self):
+        return iter(self._read())
+
+    def __len__(self) -> int:
+        return len(self._read())
 
 
 class FeedForward(nn.Module):
@@ -114,13 +148,20 @@ class ModalityRoutedMoE(nn.Module):
         sizes = [cfg.moe.num_experts_of(name) for name in names]
         #: columns of the concatenated routers: group g's experts are [offsets[g], offsets[g+1])
         self.offsets = [sum(sizes[:g]) for g in range(len(names) + 1)]
+        # output_size given: on the meta device (a model sized before it is allocated) the
+        # result's length cannot be read from the sizes
         self.register_buffer("group_of_col", torch.repeat_interleave(
-            torch.arange(len(names)), torch.tensor(sizes)), persistent=False)
+            torch.arange(len(names)), torch.tensor(sizes), output_size=sum(sizes)),
+            persistent=False)
+        self.register_buffer("experts_G", torch.tensor(sizes, dtype=torch.float32),
+                             persistent=False)
 
     def forward(self, x_TD: torch.Tensor, kinds_T: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, GroupRouting]]:
         if self._fast_path_applies(x_TD.shape[0]):
             return self._forward_few(x_TD, kinds_T)
+        if self._columns_apply(x_TD):
+            return self._forward_columns(x_TD, kinds_T)
         group_T = self.group_of_kind[kinds_T]
         # Asked for by the training code when ranks must build the same backward graph:
         # every group runs, with or without tokens. Expert parallelism needs every rank in
@@ -149,6 +190,66 @@ class ModalityRoutedMoE(nn.Module):
         return (num_tokens <= FEW_TOKENS and not torch.is_grad_enabled()
                 and self.moe.capacity_factor is None
                 and all(g.expert_parallel is None for g in self.groups.values()))
+
+    def _columns_apply(self, x_TD: torch.Tensor) -> bool:
+        dispatch = self.moe.dispatch
+        if dispatch == "groups" or (dispatch == "auto" and not x_TD.is_cuda):
+            return False
+        return (self.moe.capacity_factor is None
+                and all(g.expert_parallel is None for g in self.groups.values()))
+
+    def _forward_columns(self, x_TD: torch.Tensor, kinds_T: torch.Tensor
+                         ) -> tuple[torch.Tensor, ColumnRouting]:
+        """Every group at once, without host reads (the module docstring's column space):
+        one router matmul over all groups' columns, other groups' columns masked, one
+        top-K; per-group loads, balancing and z losses by scatter over device counts; the
+        experts of all groups (and a shared expert per group as one more column, gate 1) in
+        one grouped GEMM with device offsets."""
+        cfg, K = self.moe, self.moe.experts_per_token
+        groups = list(self.groups.values())
+        G, C = len(groups), self.offsets[-1]
+        group_T = self.group_of_kind.index_select(0, kinds_T)
+        other_TC = self.group_of_col[None, :] != group_T[:, None]   # columns of other groups
+        router_CD = torch.cat([g.router_ED for g in groups])
+        logits_TC = (x_TD.float() @ router_CD.float().t()).masked_fill(other_TC, -math.inf)
+        probs_TC = logits_TC.softmax(dim=-1)
+        select_TC = probs_TC
+        if cfg.bias_balancing:
+            select_TC = probs_TC + torch.cat([g.expert_bias_E for g in groups])
+        cols_TK = select_TC.masked_fill(other_TC, -math.inf).topk(K, dim=-1).indices
+        gates_TK = probs_TC.gather(1, cols_TK)
+        if cfg.renormalize:
+            gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+        gates_TK = gates_TK * cfg.gate_scale
+        # per column: slots routed; per group: tokens, Switch loss, z-loss
+        ones_T = torch.ones_like(group_T, dtype=torch.float32)
+        load_C = logits_TC.new_zeros(C).index_add_(
+            0, cols_TK.reshape(-1), ones_T.repeat_interleave(K, output_size=ones_T.numel() * K))
+        tokens_G = logits_TC.new_zeros(G).index_add_(0, group_T, ones_T)
+        denom_C = tokens_G.clamp(min=1).index_select(0, self.group_of_col)
+        share_C = (load_C / (denom_C * K)) * (probs_TC.sum(0) / denom_C)
+        aux_G = self.experts_G * logits_TC.new_zeros(G).index_add(0, self.group_of_col, share_C)
+        z_G = (logits_TC.new_zeros(G).index_add(0, group_T,
+                                                torch.logsumexp(logits_TC, dim=-1).square())
+               / tokens_G.clamp(min=1))
+        w1s, w2s = [g.w1_EDF for g in groups], [g.w2_EFD for g in groups]
+        ffn_cols_TK, ffn_gates_TK = cols_TK, gates_TK.to(x_TD.dtype)
+        if cfg.shared_expert:  # group g's shared expert is column C + g, gate 1
+            w1s += [g.shared.fc1.weight.t()[None] for g in groups]
+            w2s += [g.shared.fc2.weight.t()[None] for g in groups]
+            ffn_cols_TK = torch.cat([cols_TK, C + group_T[:, None]], dim=1)
+            ffn_gates_TK = torch.cat([ffn_gates_TK, ffn_gates_TK.new_ones(len(group_T), 1)], 1)
+        y_TD = expert_ffn_columns(x_TD, ffn_cols_TK, ffn_gates_TK, torch.cat(w1s), torch.cat(w2s))
+
+        def record(g: int) -> dict[str, torch.Tensor]:
+            lo, hi = self.offsets[g], self.offsets[g + 1]
+            index_t = (group_T == g).nonzero().squeeze(1)
+            return dict(token_index_t=index_t,
+                        expert_ids_tK=cols_TK.index_select(0, index_t).detach() - lo,
+                        load_E=load_C[lo:hi].long(), dropped=load_C.new_zeros((), dtype=torch.long),
+                        aux_loss=aux_G[g], z_loss=z_G[g])
+
+        return y_TD, ColumnRouting(list(self.groups), tokens_G > 0, aux_G, z_G, record)
 
     def _forward_few(self, x_TD: torch.Tensor, kinds_T: torch.Tensor
                      ) -> tuple[torch.Tensor, dict[str, GroupRouting]]:

@@ -132,25 +132,35 @@ def all_reduce_gradients(model: torch.nn.Module, world: int) -> None:
             offset += g.numel()
 
 
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Clips by the norm of the *whole* model's gradient: shared gradients (the same on every
-    rank after the all-reduce) plus every expert shard of the expert-parallel group."""
+    rank after the all-reduce) plus every expert shard of the expert-parallel group. Returns
+    the norm before clipping as a device tensor: nothing is read back (foreach kernels, the
+    clip factor applied on the device, 1 when under ``max_norm``)."""
     shared = [p.grad for p in model.parameters()
               if p.grad is not None and not getattr(p, "expert_parallel", False)]
     experts = [p.grad for p in model.parameters()
                if p.grad is not None and getattr(p, "expert_parallel", False)]
-    sq_shared = sum((g.double().square().sum() for g in shared), torch.zeros((), dtype=torch.float64))
-    sq_experts = sum((g.double().square().sum() for g in experts), torch.zeros((), dtype=torch.float64))
+
+    def square_sum(grads: list[torch.Tensor]) -> torch.Tensor:
+        if not grads:
+            return torch.zeros((), dtype=torch.float64, device=_device(model))
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
+
+    sq_shared, sq_experts = square_sum(shared), square_sum(experts)
     ep_group = next((m.expert_parallel.group for m in model.modules()
                      if getattr(m, "expert_parallel", None) is not None), None)
     if ep_group is not None:
         dist.all_reduce(sq_experts, group=ep_group)
-    norm = float((sq_shared + sq_experts).sqrt())
-    if max_norm > 0 and norm > max_norm:
-        coef = max_norm / (norm + 1e-6)
-        for g in shared + experts:
-            g.mul_(coef)
+    norm = (sq_shared + sq_experts).sqrt()
+    if max_norm > 0 and shared + experts:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(shared + experts, coef.to(shared[0].dtype if shared else experts[0].dtype))
     return norm
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _expert_keys(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

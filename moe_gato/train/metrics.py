@@ -68,13 +68,10 @@ def _parse_json(line: str) -> dict | None:
 
 
 def add_kind_losses(sums_K2: torch.Tensor, batch: dict, out) -> None:
-    """Adds (mean loss x targets, targets) of each target kind in ``out`` to its row."""
-    target_kinds = batch["kinds"][:, 1:][batch["loss_mask"][:, 1:]]
-    for name, value in out.kind_losses.items():
-        k = KIND_NAMES_INDEX[name]
-        n = float((target_kinds == k).sum())
-        sums_K2[k, 0] += float(value) * n
-        sums_K2[k, 1] += n
+    """Adds (sum of losses, targets) of each target kind in ``out`` to its row (on the
+    device of ``sums_K2``; nothing is read back)."""
+    if out.kind_sums_K2 is not None:
+        sums_K2 += out.kind_sums_K2.to(sums_K2.dtype).to(sums_K2.device)
 
 
 def action_hits(logits_BLV: torch.Tensor, batch: dict, layout,

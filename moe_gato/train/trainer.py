@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import time
+import typing
 import warnings
 from pathlib import Path
 
@@ -79,12 +80,32 @@ def _flatten(d, prefix: str = "") -> dict:
     return out
 
 
+def _defaults(cls) -> dict:
+    """The defaults of a (nested) config dataclass as a mapping; fields without one are left out."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out[f.name] = _defaults(hints[f.name])
+        elif f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def config_changes(saved: dict, cfg: TrainConfig) -> dict[str, list]:
-    """``{dotted key: [saved value, new value]}`` of every setting that differs."""
+    """``{dotted key: [saved value, new value]}`` of every setting that differs. A key the
+    saved config does not have (it was added since) counts as its default, which new
+    options keep equal to the earlier behaviour (where it is not, ``upgrade_saved`` fills
+    in what the run was trained with)."""
     import yaml
 
-    new = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
-    old = _flatten(saved)
+    def flat(mapping: dict) -> dict:
+        return _flatten(yaml.safe_load(yaml.safe_dump(mapping, sort_keys=False)))
+
+    new = flat(to_dict(cfg))
+    old = {**flat(_defaults(TrainConfig)), **_flatten(saved)}
     return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k)}
 
@@ -146,9 +167,11 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.dist.device)
         if init_model is not None:  # before the optimizer (and DeepSpeed's copies) exist
             init_model(self.model)
+        # fused on a GPU: one kernel for all parameters, its step counts on the device
+        fused = {"fused": True} if self.dist.device.type == "cuda" else {}
         self.engine, self.optimizer = parallelize(self.model, cfg, self.dist, lambda m: (
             torch.optim.AdamW(param_groups(m, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                              betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)))
+                              betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, **fused)))
         self.accum = cfg.batch_size // (cfg.micro_batch_size * self.dist.world)
         self.loader = SequenceLoader(cfg.data, split="train", seed=cfg.seed, data_dir=self.data_dir)
         for task, n in self.loader.max_timestep_tokens().items():
@@ -159,12 +182,19 @@ class Trainer:
         self._prefetch = None  # data workers' Prefetcher, made at the first micro-batch
         self.step = 0
         self.tokens = 0
+        #: on a GPU a step's numbers are read back only when a record is due (log, eval,
+        #: checkpoint, the last step): every read stalls the host until the device catches up
+        self.defer_reads = self.dist.device.type == "cuda"
+        self._interval_start: float | None = None   # tokens/s over the steps since a read
+        self._steps_since_read = 0
         self.peak_flops = cfg.peak_flops or measure_peak_flops(self.dist.device)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.dist.device.type == "cuda" else None)
 
     # -------------------------------------------------------------- data
-    def micro_batch(self, step: int, micro: int) -> dict:
+    def host_batch(self, step: int, micro: int) -> dict:
+        """Micro-batch ``micro`` of ``step`` as the loader (or its workers) built it, on the
+        host (pinned for a GPU when workers build it)."""
         cfg, d = self.cfg, self.dist
         start = self._micro_start(step, micro)
         if cfg.data_workers:
@@ -176,10 +206,8 @@ class Trainer:
                 self._prefetch = Prefetcher(
                     cfg.data, seed=cfg.seed, data_dir=self.data_dir, size=cfg.micro_batch_size,
                     starts=plan, workers=cfg.data_workers, pin_memory=d.device.type == "cuda")
-            batch = self._prefetch.take(start)
-        else:
-            batch = self.loader.batch(start, cfg.micro_batch_size)
-        return {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
+            return self._prefetch.take(start)
+        return self.loader.batch(start, cfg.micro_batch_size)
 
     def _micro_start(self, step: int, micro: int) -> int:
         """First global sequence of micro-batch ``micro`` of ``step`` on this rank."""
@@ -293,24 +321,32 @@ class Trainer:
 
     # ------------------------------------------------------------- steps
     def train_step(self) -> dict:
+        """One optimizer step; returns its metrics record (``step_async``, then ``read``)."""
+        return self.read(self.step_async())
+
+    def step_async(self) -> "_PendingStep":
+        """One optimizer step whose numbers stay on the device: nothing here waits for it
+        (the batches' target weights are summed on the host before they are moved). ``read``
+        turns the step into its record."""
         cfg, d, model = self.cfg, self.dist, self._module()
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = [self.micro_batch(self.step, m) for m in range(self.accum)]
-        # the step's target weight (the count of targets unless the loader weights them)
-        targets = torch.tensor([float(target_weights(b).sum()) for b in batches])
-        total_targets = all_reduce_sum(targets.sum().clone())
+        if self._interval_start is None:
+            self._interval_start = time.perf_counter()
+        host = [self.host_batch(self.step, m) for m in range(self.accum)]
+        targets, total_targets = self._host_targets(host)
         if total_targets == 0:
             raise TrainingError(f"the batch of step {self.step} holds no target token "
                                 f"(context too short for a timestep?); stopping. Last good "
                                 f"checkpoint: {self._last_good()}")
+        device = d.device
         # loss sum, aux + z, then (loss sum, targets) per kind: one all-reduce for all of it
-        sums = torch.zeros(2 + len(KIND_NAMES) * 2, dtype=torch.float64)
+        sums = torch.zeros(2 + len(KIND_NAMES) * 2, dtype=torch.float64, device=device)
         routing_last = None
-        logged: dict[str, float] = {}
-        start = time.perf_counter()
-        for micro, batch in enumerate(batches):
+        logged: dict[str, torch.Tensor] = {}
+        for micro, cpu_batch in enumerate(host):
+            batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
             # the model's randomness (patch positions within their interval) depends on the
             # global micro-batch only, so any split over ranks draws the same numbers
             torch.manual_seed(cfg.seed * 1_000_003 + self.step * cfg.batch_size
@@ -323,54 +359,81 @@ class Trainer:
             out = part.out
             # sum over this micro-batch's targets / targets of the whole step, x ranks because
             # data parallelism averages gradients over ranks
-            lm = part.loss * targets[micro] / total_targets * d.world
-            aux = part.aux / self.accum
-            # every parameter joins the graph, so that data-parallel reductions see the same
-            # gradients on every rank (the model already runs every expert group and the patch
-            # block without tokens while training; this covers any parameter left out)
-            touch = sum(p.view(-1)[0] for p in model.parameters()) * 0.0
-            loss = lm + aux + touch
+            share = targets[micro] / total_targets
+            loss = part.loss * (share * d.world) + part.aux / self.accum
+            if d.world > 1 or self.engine is not None:
+                # every parameter joins the graph, so that data-parallel reductions see the
+                # same gradients on every rank (the model already runs every expert group and
+                # the patch block without tokens when asked; this covers any parameter left out)
+                loss = loss + sum(p.view(-1)[0] for p in model.parameters()) * 0.0
             if self.engine is not None:
                 self.engine.backward(loss, scale_wrt_gas=False)
             else:
                 loss.backward()
-            sums[0] += float(part.loss.detach()) * float(targets[micro])
-            sums[1] += float(aux.detach())
+            sums[0] += part.loss.detach().double() * targets[micro]
+            sums[1] += part.aux.detach().double() / self.accum
+            local_share = targets[micro] / sum(targets)  # per target, like the loss
             for name, value in part.parts.items():
-                share = float(targets[micro] / targets.sum())  # per target, like the loss
-                logged[name] = logged.get(name, 0.0) + float(value.detach()) * share
+                logged[name] = logged.get(name, 0.0) + value.detach().double() * local_share
             add_kind_losses(sums[2:].view(-1, 2), batch, out)
             routing_last = out.routing
         grad_norm = self._optimizer_step(model)
         if cfg.model.ffn == "moe" and cfg.model.moe.bias_balancing and routing_last:
             model.update_router_biases(routing_last)
-        elapsed = time.perf_counter() - start
-        # the update itself may break the weights (a huge lr): check them after the step
-        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-        bad_weights = (~finite).double().cpu()  # one device sync
-        all_reduce_sum(sums)
-        all_reduce_sum(bad_weights)
-        loss = float(sums[0] / total_targets)
-        if not math.isfinite(loss) or not math.isfinite(grad_norm) or bad_weights > 0:
-            what = "the weights after the update are non-finite" if bad_weights > 0 else ""
-            raise TrainingError(
-                f"loss is {loss} (grad norm {grad_norm}) at step {self.step}"
-                f"{'; ' + what if what else ''}; stopping. "
-                f"Last good checkpoint: {self._last_good()}")
+        # the update itself may break the weights (a huge lr): checked after the step, read
+        # with the record
+        norms = torch._foreach_norm([p.detach() for p in model.parameters()])
+        finite = torch.isfinite(torch.stack(norms).sum()) & torch.isfinite(sums[0])
         self.step += 1
         self.tokens += cfg.tokens_per_step
-        tps = cfg.tokens_per_step / max(elapsed, 1e-9)
+        self._steps_since_read += 1
+        return _PendingStep(step=self.step, tokens=self.tokens, lr=lr, sums=sums,
+                            total_targets=total_targets, logged=logged, grad_norm=grad_norm,
+                            finite=finite, routing=routing_last)
+
+    def _host_targets(self, host: list[dict]) -> tuple[list[float], float]:
+        """Each micro-batch's target weight (the count of targets unless the loader weights
+        them) and the step's over all ranks, from the batches still on the host."""
+        targets = [float(target_weights(b).sum()) for b in host]
+        if self.dist.world == 1:
+            return targets, sum(targets)
+        # several ranks: summed where the process group runs (NCCL takes device tensors)
+        total = torch.tensor(sum(targets), dtype=torch.float64, device=self.dist.device)
+        return targets, float(all_reduce_sum(total))
+
+    def read(self, p: "_PendingStep") -> dict:
+        """The record of step ``p`` (waits for the device): loss, learning rate, gradient
+        norm, per-kind losses, routing; tokens/s over the steps since the last read. Raises
+        ``TrainingError`` when the loss, the gradient norm or the weights are not finite."""
+        cfg, d = self.cfg, self.dist
+        flags = torch.stack([(~p.finite).double(),
+                             torch.as_tensor(p.grad_norm, dtype=torch.float64,
+                                             device=p.sums.device)]).to(p.sums.device)
+        all_reduce_sum(p.sums)
+        all_reduce_sum(flags[:1])
+        bad_weights, grad_norm = float(flags[0]), float(flags[1])
+        loss = float(p.sums[0]) / p.total_targets
+        if not math.isfinite(loss) or not math.isfinite(grad_norm) or bad_weights > 0:
+            what = "the weights after the update are non-finite" if bad_weights > 0 else ""
+            self.step = p.step - 1  # the step that broke them, for the message
+            raise TrainingError(
+                f"loss is {loss} (grad norm {grad_norm}) at step {p.step - 1}"
+                f"{'; ' + what if what else ''}; stopping. "
+                f"Last good checkpoint: {self._last_good()}")
+        now = time.perf_counter()
+        tps = cfg.tokens_per_step * self._steps_since_read / max(now - self._interval_start, 1e-9)
+        self._interval_start, self._steps_since_read = now, 0
         # time: when the step ended (Unix seconds), for wall time per step and per run
-        record = {"step": self.step, "tokens": self.tokens, "time": time.time(),
-                  "loss": loss, "lr": lr,
-                  "grad_norm": grad_norm, "aux_loss": float(sums[1]) / d.world,
+        record = {"step": p.step, "tokens": p.tokens, "time": time.time(),
+                  "loss": loss, "lr": p.lr,
+                  "grad_norm": grad_norm, "aux_loss": float(p.sums[1]) / d.world,
                   "tokens_per_s": tps,
                   "mfu": self._module().mfu(tps / d.world, self.peak_flops,
                                             seq_len=cfg.data.context_len)}
-        record.update(kind_means(sums[2:].view(-1, 2), "loss/"))
-        record.update({f"objective/{k}": v for k, v in logged.items()})
-        if routing_last:
-            record.update(routing_metrics(routing_last))
+        record.update(kind_means(p.sums[2:].view(-1, 2).cpu(), "loss/"))
+        record.update({f"objective/{k}": float(v) for k, v in p.logged.items()})
+        if p.routing:
+            record.update(routing_metrics(p.routing))
         return record
 
     def _last_good(self) -> str:
@@ -381,19 +444,25 @@ class Trainer:
                 return str(path)
         return "none"
 
-    def _optimizer_step(self, model: torch.nn.Module) -> float:
+    def _optimizer_step(self, model: torch.nn.Module) -> torch.Tensor | float:
         if self.engine is not None:
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
         from moe_gato.train.expert_parallel import all_reduce_gradients, clip_grad_norm
 
+        # a parameter the batch did not use still takes its step (weight decay, moments), as
+        # under DeepSpeed: its gradient is zero, not missing (one process builds no graph
+        # term for it; several ranks do, see step_async)
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
         if self.dist.world > 1:
             all_reduce_gradients(model, self.dist.world)
         norm = clip_grad_norm(model, self.cfg.optim.grad_clip)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        self.optimizer.zero_grad(set_to_none=False)
+        return norm
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -465,7 +534,14 @@ class Trainer:
         last: dict = {}
         try:
             while self.step < cfg.num_steps:
-                record = self.train_step()
+                pending = self.step_async()
+                due = (not self.defer_reads or self.step == cfg.num_steps or any(
+                    self.step % every == 0 for every in (cfg.log_every, cfg.eval_every,
+                                                         cfg.checkpoint_every)))
+                if not due:
+                    bar.update(1)
+                    continue
+                record = self.read(pending)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.num_steps:
                     record.update(self.evaluate())
                 if self.step % cfg.log_every == 0 or "eval/loss" in record:
@@ -484,6 +560,21 @@ class Trainer:
                 self._prefetch.close()
                 self._prefetch = None
         return last
+
+
+@dataclasses.dataclass
+class _PendingStep:
+    """A step's numbers, still on the device (``Trainer.step_async``)."""
+
+    step: int                    # the step count after it
+    tokens: int
+    lr: float
+    sums: torch.Tensor           # loss sum, aux, then (loss sum, targets) per kind
+    total_targets: float         # the step's target weight, all ranks
+    logged: dict                 # objective parts, per target
+    grad_norm: torch.Tensor | float
+    finite: torch.Tensor         # loss and weights finite after the update
+    routing: list | None
 
 
 def _np_state_to_json() -> list:
