@@ -130,7 +130,9 @@ def scipy_polish(obj: Objective, th0):
 
 def multistart(obj: Objective, starts, *, screen=40, keep=64, polish=4, iters=2000):
     """The batched search: all starts for ``screen`` steps, the ``keep`` best to convergence,
-    the ``polish`` best through scipy; returns (best parameters, best objective)."""
+    the ``polish`` best through scipy. Returns (best parameters, best objective, the
+    converged ``keep`` rows (K, P), their objectives): the other local optima seed the
+    bootstrap's refits."""
     x, f = lbfgs_batch(obj, starts, iters=screen)
     order = np.argsort(f)[:keep]
     x, f = lbfgs_batch(obj, x[order], iters=iters)
@@ -143,5 +145,4 @@ def multistart(obj: Objective, starts, *, screen=40, keep=64, polish=4, iters=20
             xp, fp = scipy_polish(obj, x[i])
             if fp < best_f:
                 best_x, best_f = xp, fp
-    return best_x, best_f
-
+    return best_x, best_f, x, f

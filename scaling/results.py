@@ -12,15 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-from scaling.laws import REGISTRY
-
 
 COLUMNS = ("N_active", "D", "C", "E", "G", "loss")
+#: read when present: the non-embedding N, the nominal budget, the seed of repeated runs,
+#: and how often a run saw its data
+OPTIONAL = ("N_active_nonemb", "budget", "seed", "unique_tokens", "epochs")
+N_COLUMNS = ("N_active", "N_active_nonemb")
 
 
 def read_results(path) -> list[dict]:
     """The runs with ``status == "done"`` of a sweep's results CSV, as dicts of floats over
-    ``COLUMNS`` (+ ``budget`` when present; E and G default to 1 when absent)."""
+    ``COLUMNS`` (+ the ``OPTIONAL`` ones present; E and G default to 1 when absent)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such results table: {path}")
@@ -42,31 +44,37 @@ def read_results(path) -> list[dict]:
                 except ValueError:
                     raise ValueError(f"{path}, line {line}: {k} = {v!r} is not a number "
                                      f"on a finished run") from None
-            if r.get("budget"):
-                row["budget"] = float(r["budget"])
+            for k in OPTIONAL:
+                if r.get(k):
+                    row[k] = float(r[k])
             rows.append(row)
     return rows
 
 
-def columns(table) -> dict[str, np.ndarray]:
-    """{column: array} from a table: a list of dicts or a pandas DataFrame."""
+def columns(table, n_column: str = "N_active") -> dict[str, np.ndarray]:
+    """{column: array} from a table: a list of dicts or a pandas DataFrame; ``N`` is the
+    ``n_column`` the laws take (``N_active`` or ``N_active_nonemb``)."""
+    if n_column not in N_COLUMNS:
+        raise ValueError(f"n_column: {n_column!r} is not one of {', '.join(N_COLUMNS)}")
     if hasattr(table, "to_dict"):
         table = table.to_dict("records")
     if not table:
         raise ValueError("the results table has no finished runs")
-    keys = [k for k in (*COLUMNS, "budget") if k in table[0]]
+    keys = [k for k in (*COLUMNS, *OPTIONAL) if k in table[0]]
     out = {k: np.array([float(r.get(k, 1.0)) for r in table]) for k in keys}
     for k in ("E", "G"):
         out.setdefault(k, np.ones(len(table)))
     out.setdefault("budget", out["C"])
+    if n_column not in out:
+        raise ValueError(f"the results table has no {n_column} column (has {sorted(out)})")
+    out["N"] = out[n_column]
     return out
 
 
 def law_inputs(law: str, cols) -> dict:
-    """fit_law's keyword arguments for a law from ``columns(table)`` (N = N_active)."""
-    return {"N": cols["N_active"], "D": cols["D"], "L": cols["loss"],
-            **({"E": cols["E"]} if "E" in REGISTRY[law].needs else {}),
-            **({"G": cols["G"]} if "G" in REGISTRY[law].needs else {})}
+    """fit_law's keyword arguments for a law from ``columns(table)``: N, D, L, and E and G
+    (a law without them ignores them, but they tell its runs apart)."""
+    return {"N": cols["N"], "D": cols["D"], "L": cols["loss"], "E": cols["E"], "G": cols["G"]}
 
 
 def families(table) -> dict[str, np.ndarray]:
