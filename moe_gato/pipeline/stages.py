@@ -115,7 +115,7 @@ def run_pick(p: Paths) -> None:
     t = p.cfg.teacher
     sweep = p.sweep_config()
     doc = pick(sweep, json.loads((p.fit / "fit.json").read_text()), t.budget, hz=t.hz,
-               context=t.context, moe_only=t.moe_only)
+               context=t.context, moe_only=t.moe_only, fallback=t.fallback)
     write_train(doc["train"], p.teacher_yaml)
     write_train(student(sweep, doc, p.cfg.student.tokens), p.student_yaml)
     write_json(p.pick, doc)
@@ -223,6 +223,7 @@ def _pick_command(p: Paths) -> list[list[str]]:
     parts += ["--hz", t.hz] if t.hz else []
     parts += ["--context", t.context] if t.context else []
     parts += [] if t.moe_only else ["--any"]
+    parts += ["--fallback", t.fallback]
     return _cmd(*parts, *p.sweep_overrides())
 
 

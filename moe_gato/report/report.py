@@ -58,17 +58,19 @@ def check_run(run: Path) -> None:
 def gather(run: Path, histories: dict[str, list[dict]], sweep) -> dict:
     """Every number the report shows, from the pipeline's run folder, the three runs'
     metrics records (``histories``) and the sweep's config (``scaling.sweep.SweepConfig``)."""
-    from scaling.fit import best_law
+    from scaling.identify import choose_law
 
     run = Path(run)
     check_run(run)
     cfg = yaml.safe_load((run / "pipeline.yaml").read_text())
     fit = _read_json(run / "sweep" / "fit" / "fit.json")
-    doc = {"config": cfg, "stages": _read_json(run / "stages.json"),
-           "sweep": [json.loads(line) for line in
-                     (run / "sweep" / "results.jsonl").read_text().splitlines() if line],
-           "fit": fit, "law": best_law(fit), "pick": _read_json(run / "pick.json"),
-           "models": {}}
+    rows = [json.loads(line) for line in
+            (run / "sweep" / "results.jsonl").read_text().splitlines() if line]
+    # the law drawn through every family's runs may compare their expert counts
+    rates = {r["E"] for r in rows if r["status"] == "done"}
+    doc = {"config": cfg, "stages": _read_json(run / "stages.json"), "sweep": rows,
+           "fit": fit, "law": choose_law(fit, E_values=rates)[0],
+           "pick": _read_json(run / "pick.json"), "models": {}}
     doc["pick"].pop("train", None)
     doc["family_latency"] = family_latency(sweep, doc["pick"])
     for name in MODELS:
@@ -207,9 +209,12 @@ def markdown(doc: dict, run: Path) -> str:
             "![IsoFLOP curves and the fitted law](isoflop_law.png)", "",
             "![predicted against measured loss](law_fit.png)", "",
             "## 2. The teacher: the best MoE that meets the control rate", "",
-            f"Budget C = {pick['budget']:.3g} FLOPs, the {pick['law']} law, >= {pick['hz']:g} Hz "
-            f"batch 1 on `{pick['device']}` ({pick['shape']} observations) at context "
-            f"{pick['context']} (the law was fitted at the sweep's context).", "",
+            f"Budget C = {pick['budget']:.3g} FLOPs, "
+            f"{'the ' + pick['law'] + ' law' if pick['law'] else 'no law (the measured rule)'}, "
+            f">= {pick['hz']:g} Hz batch 1 on `{pick['device']}` ({pick['shape']} observations) "
+            f"at context {pick['context']} (the law was fitted at the sweep's context).", "",
+            f"Which law picked the teacher, and why it was allowed to: "
+            f"{pick.get('law_reason', 'not recorded')}.", "",
             _pick_table(pick), "",
             "![frontier: loss and control rate of the optimum per budget](latency_frontier.png)",
             "", "## 3. Training", "", _loss_table(doc), "",
@@ -266,15 +271,26 @@ def _sweep_table(doc: dict) -> str:
 
 
 def _law_table(doc: dict) -> str:
+    from scaling.identify import unusable
+
     fit = doc["fit"]
-    lines = ["| law | fitted | held-out mean abs. relative error | used |", "|---|---|---:|---|"]
+    lines = ["| law | fitted | held-out mean abs. relative error | usable | picked the teacher |",
+             "|---|---|---:|---|---|"]
     for law, c in fit["laws"].items():
         held = fit.get("held_out", {}).get(law, {})
         err = f"{100 * held['mean_abs_rel']:.2f}%" if "mean_abs_rel" in held else \
             held.get("error", "—")
+        why = unusable(fit, law)
         lines.append(f"| {law} | {'no: ' + c['skipped'] if 'skipped' in c else 'yes'} | "
-                     f"{err} | {'yes' if law == doc['law'] else ''} |")
+                     f"{err} | {'yes' if why is None else 'no: ' + why} | "
+                     f"{'yes' if law == doc['pick']['law'] else ''} |")
     return "\n".join(lines)
+
+
+def _predicted(row: dict) -> str:
+    if row.get("loss") is not None:
+        return f"{row['loss']:.3f}"
+    return f"— ({row['measured_loss']:.3f} measured at {row['measured_at']:.3g} FLOPs)"
 
 
 def _pick_table(pick: dict) -> str:
@@ -285,7 +301,7 @@ def _pick_table(pick: dict) -> str:
         if row:
             lines.append(f"| {label} | {row['model']} | {row['num_layers']} | "
                          f"{row['N_active'] / 1e6:.2f}M | {row['N_total'] / 1e6:.2f}M | "
-                         f"{row['D']:.3g} | {row['loss']:.3f} | {row['hz']:.0f} Hz |")
+                         f"{row['D']:.3g} | {_predicted(row)} | {row['hz']:.0f} Hz |")
     return "\n".join(lines)
 
 
