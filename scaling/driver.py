@@ -138,7 +138,9 @@ def log_tail(path: Path, lines: int = 12) -> str:
 
 # ------------------------------------------------------------------------------ running
 def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> list[dict]:
-    """Runs (or resumes) the sweep; returns the results rows."""
+    """Runs (or resumes) the sweep; returns the results rows. A designed sweep widens its
+    grid after each round of runs while a budget's IsoFLOP vertex lies outside its widths
+    (``scaling.design.widen``), and runs the widths it adds."""
     from scaling.grid import plan
 
     out = Path(cfg.out)
@@ -147,10 +149,20 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> list[dict]:
         resolved = json.loads(json.dumps(to_dict(cfg), default=str))
         (out / "sweep.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         launcher = make_launcher(cfg.launcher)
-        runs, notes = plan(cfg)
-        for note in notes:
-            print(f"sweep {cfg.name}: {note}", flush=True)
-        return _run_all(cfg, out, runs, launcher, progress)
+        while True:
+            runs, notes = plan(cfg)
+            for note in notes:
+                print(f"sweep {cfg.name}: {note}", flush=True)
+            rows = _run_all(cfg, out, runs, launcher, progress)
+            if cfg.design is None:
+                return rows
+            from scaling.design import widen
+
+            added, said = widen(cfg, rows)
+            for line in said:
+                print(f"sweep {cfg.name}: {line}", flush=True)
+            if not added:
+                return rows
 
 
 def _run_all(cfg: SweepConfig, out: Path, runs: list[PlannedRun], launcher,

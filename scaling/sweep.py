@@ -33,7 +33,10 @@ from moe_gato.config import load_config
 from scaling.driver import fit_finished, final_metrics, read_result, run_sweep, write_table
 from scaling.family import ExpertChoice, FamilyConfig
 from scaling.grid import PlannedRun, config_hash, plan, plan_table
+from scaling.design import DesignConfig, check, estimate_seconds, widening_seconds
+from scaling.hyper import HyperRule
 from scaling.launch import LauncherConfig
+from scaling.results import N_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 LAWS = ("chinchilla", "clark", "krajewski", "joint")
@@ -53,11 +56,16 @@ class FitConfig:
     device: str = "cpu-2core"
     shape: str = "metaworld"
     bootstrap: int = 0                  # bootstrap resamples for the laws' intervals
+    #: N of the laws: active parameters, or active non-embedding parameters
+    n_column: str = "N_active"
 
     def __post_init__(self) -> None:
         bad = [law for law in self.laws if law not in LAWS]
         if bad:
             raise ValueError(f"fit.laws: unknown law(s) {bad}; allowed: {list(LAWS)}")
+        if self.n_column not in N_COLUMNS:
+            raise ValueError(f"fit.n_column: {self.n_column!r} is not one of "
+                             f"{', '.join(N_COLUMNS)}")
         if not self.hz > 0:
             raise ValueError(f"fit.hz must be > 0, got {self.hz}")
         if self.bootstrap < 0:
@@ -78,8 +86,15 @@ class SweepConfig:
     #: training context; null keeps the recipe's
     context_length: int | None = None
     budgets: list[float]
-    widths: list[int]
+    #: the grid is budgets x widths x experts; with ``design`` the design places the runs
+    widths: list[int] = dataclasses.field(default_factory=list)
     experts: list[ExpertChoice] = dataclasses.field(default_factory=lambda: [ExpertChoice()])
+    #: a sweep designed to find the optimum (scaling.design): widths per budget centred on
+    #: a prior law, MoE families varying E and G, seeds, automatic widening
+    design: DesignConfig | None = None
+    #: lr, batch and warm-up of each run by its compute and size (scaling.hyper); null keeps
+    #: the recipe's lr and batch and warmup_fraction
+    hyper: HyperRule | None = None
     family: FamilyConfig = dataclasses.field(default_factory=FamilyConfig)
     launcher: LauncherConfig = dataclasses.field(default_factory=LauncherConfig)
     procs: int = 1                      # processes per run (data parallel)
@@ -97,9 +112,9 @@ class SweepConfig:
             raise ValueError(f"name must be letters, digits, '-', '_' or '.', got {self.name!r}")
         if not self.budgets or any(not (b > 0 and math.isfinite(b)) for b in self.budgets):
             raise ValueError(f"budgets must be a non-empty list of FLOPs > 0, got {self.budgets}")
-        if not self.widths or any(w < 1 for w in self.widths):
-            raise ValueError(f"widths must be a non-empty list of d_model values >= 1, "
-                             f"got {self.widths}")
+        if (not self.widths and self.design is None) or any(w < 1 for w in self.widths):
+            raise ValueError(f"widths must be a non-empty list of d_model values >= 1 (or "
+                             f"give a design), got {self.widths}")
         if not self.experts:
             raise ValueError("experts must list at least one choice ({experts: 1} is dense)")
         for field in ("procs", "threads", "max_attempts", "min_steps"):
@@ -109,6 +124,8 @@ class SweepConfig:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.procs > 1 and self.launcher.runner == "python":
             raise ValueError("procs > 1 needs launcher.runner torchrun or deepspeed, not python")
+        if self.design is not None:
+            check(self)
         self.out = self.out or f"runs/sweep/{self.name}"
 
 
@@ -121,6 +138,8 @@ def load_sweep_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     cfg.data = str(Path(cfg.data).absolute())
     cfg.train = str(_input_path(cfg.train))
     cfg.family.base = str(_input_path(cfg.family.base))
+    if cfg.design is not None and cfg.design.prior != "epoch":
+        cfg.design.prior = str(_input_path(cfg.design.prior))
     return cfg
 
 
@@ -151,6 +170,11 @@ def run(args) -> int:
         print(plan_table(runs))
         for note in notes:
             print(note)
+        minutes = estimate_seconds(runs, cfg) / 60
+        print(f"{len(runs)} runs, {sum(r.C for r in runs):.3g} FLOPs: about {minutes:.0f} min "
+              f"at {cfg.launcher.max_parallel} at once (scaling.design.estimate_seconds)"
+              + (f"; widening may add up to {widening_seconds(cfg) / 60:.0f} min"
+                 if cfg.design else ""))
         return 0
     if args.fit_only and args.no_fit:
         raise ValueError("--fit-only and --no-fit exclude each other")

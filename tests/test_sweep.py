@@ -63,6 +63,25 @@ def test_grid_trains_each_model_for_its_budget(tmp_path, tiny_suite):
     assert plan(cfg)[0][0].config_hash == runs[0].config_hash  # stable across calls
 
 
+def test_the_grid_counts_unique_tokens_and_says_when_a_run_repeats_its_data(tmp_path,
+                                                                            tiny_suite):
+    from moe_gato.data.storage import read_manifest
+
+    cfg = load_sweep_config(write_sweep(tmp_path, tiny_suite, budgets=[4.0e9, 4.0e11],
+                                        widths=[32]))
+    runs, notes = plan(cfg)
+    tasks = read_manifest(tiny_suite)["tasks"]
+    unique = sum(tasks[t]["tokens"] for t in TASKS) * 0.9  # less the validation share
+    for r in runs:
+        assert r.unique_tokens == pytest.approx(unique, rel=0.02)
+        assert r.row()["epochs"] == pytest.approx(r.D / r.unique_tokens)
+        assert r.row()["unique_tokens"] == min(r.D, r.unique_tokens)
+    big = max(runs, key=lambda r: r.D)
+    assert big.epochs > 1 and any("repeat their data" in n and big.name in n for n in notes)
+    cfg.data = str(tmp_path / "nowhere")  # no manifest yet: unknown, not an error
+    assert all(r.epochs is None for r in plan(cfg)[0])
+
+
 @pytest.mark.parametrize("override,match", [
     ({"budgets": []}, "budgets must be a non-empty list"),
     ({"widths": [48]}, r"d_model \(48\) must be a multiple of family.head_dim"),
