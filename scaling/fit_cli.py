@@ -89,11 +89,10 @@ def markdown(doc: dict) -> str:
     from scaling.laws import REGISTRY
 
     noise = doc.get("noise_floor")
+    noise = "unknown (no repeated seeds)" if noise is None else f"{noise:.3g} (RMSE of log L)"
     lines = [f"# Scaling-law fit of {doc.get('results', 'a results table')}", "",
              f"{doc['n_runs']} finished runs; N = {doc.get('n_column', 'N_active')}; "
-             f"C = {doc['flops_per_param_token']:.3g} N D; seed noise "
-             f"{'unknown (no repeated seeds)' if noise is None else f'{noise:.3g} (RMSE of log L)'}.",
-             ""]
+             f"C = {doc['flops_per_param_token']:.3g} N D; seed noise {noise}.", ""]
     for law, c in doc["laws"].items():
         lines.append(f"## {law}")
         lines.append("")
@@ -143,8 +142,9 @@ def readoff_markdown(doc: dict) -> list[str]:
     """The compute-optimal N, D, loss and the MoE multiplier, with their intervals."""
     lines = []
     for law, rows in doc.get("optimum", {}).items():
+        why = _unusable(doc, law)
         lines += [f"## Compute-optimal models by the {law} law "
-                  f"({'usable' if not _unusable(doc, law) else 'not usable: ' + _unusable(doc, law)})",
+                  f"({'usable' if not why else 'not usable: ' + why})",
                   "", "| C | E | G | N_opt (95%) | D_opt (95%) | D/N | loss (95%) |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in rows:

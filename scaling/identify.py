@@ -5,11 +5,12 @@
     law, why = choose_law(fit_doc, E_values={1.0, 4.0})     # None, why not, when none may
 
 A law is fitted only to runs that can identify it: at least ``RUNS_PER_COEF`` distinct runs
-(configurations (N, D, E, G): repeated seeds count once) per fitted coefficient and ``MIN_LEVELS`` distinct values of each variable it
-has (N; D for laws with a data term; G for Krajewski's; E for Clark's and the joint law).
-A fitted coefficient on or past the edge of its plausible box (``scaling.laws.Law.bounds``:
-an irreducible loss collapsed to ~0, an exponent of 45) is flagged, and so is a law that
-fits its runs far below the seed noise when that is known (an overfit).
+(configurations (N, D, E, G): repeated seeds count once) per fitted coefficient and
+``MIN_LEVELS`` distinct values of each variable it has (N; D for laws with a data term; G
+for Krajewski's; E for Clark's and the joint law). A fitted coefficient on or past the
+edge of its plausible box (``scaling.laws.Law.bounds``: an irreducible loss collapsed to
+~0, an exponent of 45) is flagged, and so is a law that fits its runs far below the seed
+noise when that is known (an overfit).
 
 A law is *usable* when it was fitted, has a finite held-out error and no flag. A question
 that compares models of several expansion rates E (the optimum over a family, a plan over
