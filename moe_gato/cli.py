@@ -50,7 +50,7 @@ SUBCOMMANDS = {
             "fit Chinchilla-style and MoE scaling laws to a sweep's results table"),
     "plan": ("scaling.plan", "add_arguments", "run",
              "plan a run past this machine: the law's optimum for a budget, hardware and rate"),
-    "report": ("moe_gato.report", "add_arguments", "run",
+    "report": ("moe_gato.pipeline.cli", "add_arguments", "run",
                "write the main job's report (tables, PNG plots) from its run folder"),
     "pick": ("scaling.pick", "add_arguments", "run",
              "write the training config of a sweep's latency-constrained optimum for a budget"),

@@ -14,11 +14,19 @@ submitted with submitit, whose job runs the same launchers over the nodes SLURM 
                                  slurm=SlurmConfig(partition="gpu", nodes=2, gpus_per_node=8)))
 
 ``submit`` blocks while ``max_parallel`` runs of this launcher are in flight. A run's
-processes start in the repository root, so relative paths in ``args`` are read from there.
+processes start in the folder the job was made in (``Job.cwd``, default the caller's), so
+relative paths in ``args`` mean what they meant to the caller; ``run_dir`` is made absolute
+there too. The children import this checkout's code (its root leads their PYTHONPATH).
 Exit statuses follow the shell: a run killed by signal N gives 128 + N. A SLURM job gives
 its launcher's status, unless SLURM cancelled it or ran out its time or memory
 (``STATE_STATUS``), or it ended without reporting one (1). Clients of a local test cluster
 need its ``SLURM_CONF`` (``scripts/slurm_cluster.sh env``).
+
+A submitted run can be found again by a later process: ``handle.record()`` is a JSON-able
+dict (local: pid, host and the process's start time; SLURM: job id and submitit folder), and
+``launcher.attach(record, run_dir)`` gives a handle on it while it lives (None once a local
+run is gone). A local run that ended while nobody held its handle left no exit status:
+its handle's ``poll`` gives ``UNKNOWN_EXIT``, and the caller judges the run by its outputs.
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 #: exit status of a run that SLURM ended: scancel stops a job with SIGTERM (128 + 15),
 #: a timeout as coreutils' ``timeout`` does, the OOM killer with SIGKILL (128 + 9)
 STATE_STATUS = {"CANCELLED": 143, "TIMEOUT": 124, "OUT_OF_MEMORY": 137}
+#: ``poll`` of a re-attached local run that ended unobserved: its exit status is lost
+UNKNOWN_EXIT = -1
 
 
 # ------------------------------------------------------------------------------ configs
@@ -60,11 +70,14 @@ class Job:
     procs: int = 1
     threads: int = 1
     env: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the folder the run's processes start in (default: the caller's)
+    cwd: Path | None = None
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*", self.name):
             raise ValueError(f"name: {self.name!r} must be letters, digits and _ . = + -")
-        self.run_dir = REPO / self.run_dir  # relative paths are the repository root's
+        self.cwd = Path(self.cwd or Path.cwd()).absolute()
+        self.run_dir = self.cwd / self.run_dir  # relative paths are the caller's
         if not self.args or not all(isinstance(a, str) for a in self.args):
             raise ValueError(f"args: a non-empty list of strings, got {self.args!r}")
         for field in ("procs", "threads"):
@@ -84,11 +97,11 @@ class SlurmConfig:
     cpus_per_task: int | None = None
     gpus_per_node: int = 0
     time_min: int = 60
-    folder: Path = Path("runs/submitit")
+    folder: Path = Path("runs/submitit")  # relative: to the folder the config is made in
     extra_sbatch: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        self.folder = Path(self.folder)
+        self.folder = Path(self.folder).absolute()
         for field, low in (("nodes", 1), ("time_min", 1), ("gpus_per_node", 0)):
             if getattr(self, field) < low:
                 raise ValueError(f"slurm.{field}: must be >= {low}, got {getattr(self, field)}")
@@ -160,8 +173,14 @@ def hostfile_text(hosts: Sequence[str], slots: int) -> str:
 
 
 def run_env(job: Job, runner: str, base: dict[str, str]) -> dict[str, str]:
+    """The run's environment: ``base`` with thread counts, offline datasets, this checkout
+    first on PYTHONPATH (the run imports the code that launched it, from any folder) and
+    the job's own variables."""
+    path = [str(REPO)] + [p for p in base.get("PYTHONPATH", "").split(os.pathsep)
+                          if p and p != str(REPO)]
     env = {**base, "HF_DATASETS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(job.threads)}
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(job.threads),
+           "PYTHONPATH": os.pathsep.join(path)}
     if runner == "deepspeed" and "DS_ACCELERATOR" not in env:
         import torch  # the launcher reads DS_ACCELERATOR when it starts; CPUs need "cpu"
 
@@ -210,6 +229,10 @@ class Handle:
     def cancel(self) -> None:
         raise NotImplementedError
 
+    def record(self) -> dict:
+        """What ``Launcher.attach`` needs to find the run again from another process."""
+        raise NotImplementedError
+
     poll_interval_s = 1.0
 
 
@@ -233,7 +256,25 @@ class Launcher:
         self._in_flight.append(handle)
         return handle
 
+    def attach(self, record: dict, run_dir: Path) -> Handle | None:
+        """A handle on a run another process submitted (its ``handle.record()``), counted
+        among this launcher's runs in flight; None when the run no longer exists."""
+        if not isinstance(record, dict) or record.get("kind") not in KINDS:
+            raise ValueError(f"{run_dir}: the run's launch record {record!r} names no launcher "
+                             f"(kind local or slurm)")
+        if record["kind"] != self.cfg.kind:
+            raise ValueError(f"{run_dir}: the run was launched by launcher.kind "
+                             f"{record['kind']}, this sweep uses {self.cfg.kind}; rerun it "
+                             f"with launcher.kind={record['kind']} until the run has ended")
+        handle = self._attach(record, Path(run_dir))
+        if handle is not None:
+            self._in_flight.append(handle)
+        return handle
+
     def _start(self, job: Job) -> Handle:
+        raise NotImplementedError
+
+    def _attach(self, record: dict, run_dir: Path) -> Handle | None:
         raise NotImplementedError
 
 
@@ -249,6 +290,10 @@ class LocalHandle(Handle):
         self._proc, self._run_dir = proc, run_dir
         self.job_id = str(proc.pid)
         self._status: int | None = None
+        self._record = process_record(proc.pid)
+
+    def record(self) -> dict:
+        return dict(self._record)
 
     def poll(self) -> int | None:
         if self._status is None and self._proc.poll() is not None:
@@ -297,19 +342,101 @@ class LocalHandle(Handle):
         self._proc.wait()
 
 
+def process_record(pid: int) -> dict:
+    """A local process's identity: pid, host and start time (a reused pid has another)."""
+    import psutil
+
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        started = None
+    return {"kind": "local", "pid": pid, "host": socket.gethostname(), "create_time": started}
+
+
+def _alive(record: dict):
+    """The psutil.Process of a recorded local run while it lives (not a zombie), else None."""
+    import psutil
+
+    try:
+        proc = psutil.Process(int(record["pid"]))
+        if (record.get("create_time") is not None
+                and abs(proc.create_time() - record["create_time"]) > 1e-3):
+            return None  # the pid was reused by another process
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError, ValueError):
+        return None
+
+
+class AttachedLocalHandle(Handle):
+    """A local run started by another process (a sweep driver that was killed): alive while
+    its recorded process is; its exit status is lost (``UNKNOWN_EXIT``)."""
+
+    poll_interval_s = 0.2
+
+    def __init__(self, record: dict, run_dir: Path):
+        self._rec, self._run_dir = dict(record), run_dir
+        self.job_id = str(record["pid"])
+        self._status: int | None = None
+
+    def record(self) -> dict:
+        return dict(self._rec)
+
+    def poll(self) -> int | None:
+        if self._status is None and _alive(self._rec) is None:
+            self._status = UNKNOWN_EXIT
+            note(self._run_dir, f"re-attached pid {self.job_id} has ended (exit status unknown: "
+                                f"it was not this process's child)")
+        return self._status
+
+    def cancel(self, grace_s: float = 10.0) -> None:
+        """SIGTERM to the run's process tree, SIGKILL to whatever is left after ``grace_s``."""
+        import psutil
+
+        proc = _alive(self._rec)
+        if proc is None:
+            return
+        note(self._run_dir, f"cancelling re-attached pid {self.job_id}")
+        try:
+            tree = [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for p in tree:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=grace_s)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
 class LocalLauncher(Launcher):
     def _start(self, job: Job) -> Handle:
         cmd = run_command(job, self.cfg.runner, port=free_port())
         env = run_env(job, self.cfg.runner, dict(os.environ))
-        note(job.run_dir, f"{job.name}: {shlex.join(cmd)}")
+        note(job.run_dir, f"{job.name}: {shlex.join(cmd)} (in {job.cwd})")
         with open(job.run_dir / LOG_NAME, "ab") as log:  # the child keeps its own descriptor
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(cmd, cwd=job.cwd, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return LocalHandle(proc, job.run_dir)
+
+    def _attach(self, record: dict, run_dir: Path) -> Handle | None:
+        host = socket.gethostname()
+        if record.get("host") != host:
+            raise ValueError(f"{run_dir}: the run was started on host {record.get('host')} "
+                             f"(pid {record.get('pid')}); this driver on {host} cannot see it: "
+                             f"rerun the sweep there")
+        if _alive(record) is None:
+            return None
+        note(run_dir, f"re-attached to pid {record['pid']} (started by an earlier driver)")
+        return AttachedLocalHandle(record, run_dir)
 
 
 # ----------------------------------------------------------------------------------- SLURM
-def run_on_node(job: Job, runner: str, repo: str) -> int:
+def run_on_node(job: Job, runner: str, cwd: str) -> int:
     """The SLURM job's function, run by submitit once per node of the allocation: starts
     this node's processes of the run with a hostfile built from the allocation and returns
     their exit status."""
@@ -332,7 +459,7 @@ def run_on_node(job: Job, runner: str, repo: str) -> int:
         log.write(f"[launcher {time.strftime('%Y-%m-%d %H:%M:%S')}] slurm job {job_id}, node "
                   f"{node_rank}/{len(hosts)} ({hosts[node_rank]}): {shlex.join(cmd)}\n".encode())
         log.flush()
-        proc = subprocess.run(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL)
     return exit_status(proc.returncode)
 
@@ -358,6 +485,10 @@ class SlurmHandle(Handle):
         self._job, self._run_dir = job, run_dir  # a submitit.SlurmJob
         self.job_id = str(job.job_id)
         self._status: int | None = None
+
+    def record(self) -> dict:
+        return {"kind": "slurm", "job_id": self.job_id, "folder": str(self._job.paths.folder),
+                "tasks": self._job.num_tasks}
 
     def poll(self) -> int | None:
         if self._status is None:
@@ -414,22 +545,34 @@ class SlurmLauncher(Launcher):
                                "(a local test cluster: scripts/slurm_cluster.sh)")
         import submitit
 
-        folder = cfg.slurm.folder if cfg.slurm.folder.is_absolute() else REPO / cfg.slurm.folder
-        self._executor = submitit.SlurmExecutor(folder=folder / "%j",
+        self._executor = submitit.SlurmExecutor(folder=cfg.slurm.folder / "%j",
                                                 python=shlex.quote(sys.executable))
 
     def _start(self, job: Job) -> Handle:
         s = self.cfg.slurm
         params = dict(job_name=job.name, nodes=s.nodes, ntasks_per_node=1, time=s.time_min,
                       cpus_per_task=s.cpus_per_task or job.procs * job.threads,
-                      additional_parameters={"chdir": str(REPO), **s.extra_sbatch})
+                      additional_parameters={"chdir": str(job.cwd), **s.extra_sbatch})
         if s.partition:
             params["partition"] = s.partition
         if s.gpus_per_node:
             params["gpus_per_node"] = s.gpus_per_node
         self._executor.update_parameters(**params)
-        sjob = self._executor.submit(run_on_node, job, self.cfg.runner, str(REPO))
+        sjob = self._executor.submit(run_on_node, job, self.cfg.runner, str(job.cwd))
         note(job.run_dir, f"{job.name}: slurm job {sjob.job_id} ({self.cfg.runner}, "
                           f"{s.nodes} node(s) x {job.procs} procs); submitit logs in "
                           f"{sjob.paths.folder}")
         return SlurmHandle(sjob, job.run_dir)
+
+    def _attach(self, record: dict, run_dir: Path) -> Handle | None:
+        """The recorded SLURM job, running or ended (its handle reports how it ended)."""
+        import submitit
+
+        try:
+            sjob = submitit.SlurmJob(folder=record["folder"], job_id=str(record["job_id"]),
+                                     tasks=tuple(range(int(record.get("tasks", 1)))))
+        except KeyError as exc:
+            raise ValueError(f"{run_dir}: the SLURM launch record lacks {exc}") from None
+        note(run_dir, f"re-attached to slurm job {record['job_id']} (submitted by an earlier "
+                      f"driver)")
+        return SlurmHandle(sjob, run_dir)

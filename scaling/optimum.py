@@ -31,6 +31,7 @@ class Candidate:
     experts: ExpertChoice
     num_layers: int
     N_active: float
+    N_active_nonemb: float
     N_total: float
     flops_per_token: float      # training FLOPs per token at the context
     hz: float                   # predicted batch-1 control rate on the device
@@ -55,7 +56,9 @@ def candidates(family: FamilyConfig, base_model: dict | None, *, widths, experts
                 continue  # a width the family cannot build with this choice (divisibility)
             out.append(Candidate(
                 d_model=int(width), experts=choice, num_layers=cfg.num_layers,
-                N_active=accounting.num_active_params(cfg), N_total=accounting.num_params(cfg),
+                N_active=accounting.num_active_params(cfg),
+                N_active_nonemb=accounting.num_active_params(cfg, non_embedding=True),
+                N_total=accounting.num_params(cfg),
                 flops_per_token=accounting.flops_per_token(cfg, training=True, seq_len=context),
                 hz=predict_hz(cfg, device, shape=shape, context=context)))
     if not out:
@@ -65,9 +68,12 @@ def candidates(family: FamilyConfig, base_model: dict | None, *, widths, experts
 
 
 def predicted_losses(law: str, coefs: dict, budget: float, cands: list[Candidate]) -> np.ndarray:
+    """The law's loss of each candidate trained on the budget; N is the column the law was
+    fitted on (``coefs["n_column"]``: active parameters unless it says non-embedding)."""
     from scaling.fit import predict
 
-    N = np.array([c.N_active for c in cands])
+    nonemb = coefs.get("n_column") == "N_active_nonemb"
+    N = np.array([c.N_active_nonemb if nonemb else c.N_active for c in cands])
     D = budget / np.array([c.flops_per_token for c in cands])
     E = np.array([c.experts.expansion for c in cands])
     G = np.array([float(c.experts.G) for c in cands])
@@ -84,14 +90,15 @@ def best(law: str, coefs: dict, budget: float, cands: list[Candidate], *, hz: fl
     if not pool:
         raise ValueError("no dense candidate (experts: 1) to choose from")
     loss = predicted_losses(law, coefs, budget, pool)
-    rows = [_row(c, budget, float(v)) for c, v in zip(pool, loss, strict=True)
+    rows = [candidate_row(c, budget, float(v)) for c, v in zip(pool, loss, strict=True)
             if math.isfinite(v)]
     free = min(rows, key=lambda r: r["loss"]) if rows else None
     fast = [r for r in rows if r["hz"] >= hz]
     return {"free": free, "constrained": min(fast, key=lambda r: r["loss"]) if fast else None}
 
 
-def _row(c: Candidate, budget: float, loss: float) -> dict:
+def candidate_row(c: Candidate, budget: float, loss: float | None) -> dict:
+    """A candidate's numbers at a budget: its D and C, rate and (predicted) loss."""
     return {"model": c.label, "d_model": c.d_model, "num_layers": c.num_layers,
             "N_active": c.N_active, "N_total": c.N_total, "E": c.experts.expansion,
             "experts": c.experts.experts, "k": c.experts.k, "G": c.experts.G,
@@ -99,11 +106,33 @@ def _row(c: Candidate, budget: float, loss: float) -> dict:
 
 
 def frontier(law: str, coefs: dict, budgets, cands: list[Candidate], *, hz: float) -> list[dict]:
-    """Per budget: the free optimum, the latency-constrained one and the dense optimum."""
+    """Per budget: the free optimum, the latency-constrained one and the dense optimum
+    (None when no candidate is dense)."""
     out = []
+    has_dense = any(c.experts.dense for c in cands)
     for budget in budgets:
         pick = best(law, coefs, float(budget), cands, hz=hz)
-        dense = best(law, coefs, float(budget), cands, hz=hz, dense_only=True)
+        dense = (best(law, coefs, float(budget), cands, hz=hz, dense_only=True) if has_dense
+                 else {"free": None, "constrained": None})
         out.append({"C": float(budget), "free": pick["free"], "constrained": pick["constrained"],
                     "dense": dense["free"], "dense_constrained": dense["constrained"]})
     return out
+
+
+def allowed_law(doc: dict, cands: list[Candidate]):
+    """(law, why, the candidates it may rank) for a fit document: a usable law that may
+    compare all the candidates' expert counts, else one fitted at a single expansion rate
+    with the candidates of that rate (``scaling.identify.choose_law``); (None, why, [])."""
+    from scaling.identify import choose_law
+
+    rates = sorted({c.experts.expansion for c in cands})
+    law, why = choose_law(doc, E_values=rates)
+    if law is not None:
+        return law, why, cands
+    for E in rates:
+        alone, why_alone = choose_law(doc, E_values=[E])
+        if alone is not None:
+            return alone, (f"{why_alone}; only the models of E = {E:g} (no usable law has a "
+                           f"term for the number of experts)"), [c for c in cands
+                                                                  if c.experts.expansion == E]
+    return None, why, []

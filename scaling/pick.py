@@ -8,11 +8,17 @@ Candidates are the sweep's model family (``scaling.family``: every width that is
 of its head_dim up to 64 heads) with the sweep's expert choices, built on the sweep's
 training recipe (``train`` and ``train_overrides``: mixture, optimizer, model options) at
 the recipe's context, or ``--context``. For the budget C each trains on D = C / (training
-FLOPs per token at that context) tokens; the law with the lowest held-out error in the
-sweep's ``fit/fit.json`` (or ``--law``) predicts its loss, and the pick is the lowest
-predicted loss among the mixture-of-experts members (``--any``: dense ones too) whose
-predicted batch-1 control rate on the sweep's ``fit.device`` meets ``fit.hz`` (or
-``--hz``): the latency-constrained optimum (``scaling.optimum``).
+FLOPs per token at that context) tokens; a law of the sweep's ``fit/fit.json`` predicts its
+loss, and the pick is the lowest predicted loss among the mixture-of-experts members
+(``--any``: dense ones too) whose predicted batch-1 control rate on the sweep's
+``fit.device`` meets ``fit.hz`` (or ``--hz``): the latency-constrained optimum
+(``scaling.optimum``). The law is the usable one (fitted, with a held-out error, no
+coefficient at a bound) with the lowest held-out error among those allowed to compare the
+candidates' expert counts (``scaling.identify.choose_law``), or ``--law`` if it is usable;
+the pick says which and why (``law_reason``). When no law may be used, the pick is an
+error, or with ``--fallback measured`` the sweep's measured rule: the lowest validation
+loss among the finished runs of the allowed expert choices that meet the rate, at the
+sweep's largest budget, that member trained for the budget.
 
 Writes the pick's training config (the recipe with the chosen shape and ``tokens`` = D
 rounded to whole steps) as YAML for ``moe-gato train --config``, and with
@@ -35,22 +41,24 @@ from moe_gato.config import to_dict
 from scaling.family import ExpertChoice, model_config
 
 
+FALLBACKS = ("none", "measured")
+
+
 def pick(cfg, fit_doc: dict, budget: float, *, hz: float | None = None,
-         context: int | None = None, moe_only: bool = True, law: str | None = None) -> dict:
-    """{"law", "hz", "device", "context", "budget", "pick": row, "free": row, "train": the
-    pick's resolved training config}; a row as ``scaling.optimum.best`` gives it."""
+         context: int | None = None, moe_only: bool = True, law: str | None = None,
+         fallback: str = "none", rows: list[dict] | None = None) -> dict:
+    """{"law", "law_reason", "hz", "device", "context", "budget", "pick": row, "free": row,
+    "train": the pick's resolved training config}; a row as ``scaling.optimum.best`` gives
+    it. ``law`` None with ``fallback="measured"``: the measured rule decided (see the
+    module's docstring) from the sweep's results ``rows`` (default: its results.jsonl)."""
     from moe_gato.train import load_train_config
-    from scaling.fit import best_law
     from scaling.optimum import best, candidates
 
     hz = cfg.fit.hz if hz is None else float(hz)
     if not hz > 0:
         raise ValueError(f"hz must be > 0, got {hz}")
-    law = law or best_law(fit_doc)
-    laws = fit_doc.get("laws", {})
-    if law is None or law not in laws or "skipped" in laws[law]:
-        fitted = [k for k, v in laws.items() if "skipped" not in v]
-        raise ValueError(f"law {law!r} was not fitted in this fit document; fitted: {fitted}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback: {fallback!r} is not one of {', '.join(FALLBACKS)}")
     choices = [e for e in cfg.experts if not (moe_only and e.dense)]
     if not choices:
         raise ValueError("the sweep has no mixture-of-experts choice to pick from "
@@ -61,21 +69,75 @@ def pick(cfg, fit_doc: dict, budget: float, *, hz: float | None = None,
     cands = candidates(cfg.family, to_dict(base.model), widths=range(head, 64 * head + 1, head),
                        experts=choices, context=context, device=cfg.fit.device,
                        shape=cfg.fit.shape)
-    choice = best(law, laws[law], float(budget), cands, hz=hz)
-    row = choice["constrained"]
-    if row is None:
+    if not any(c.hz >= hz for c in cands):
         fastest = max(cands, key=lambda c: c.hz)
         raise ValueError(f"no {'mixture-of-experts ' if moe_only else ''}member of the family "
                          f"meets {hz:g} Hz on {cfg.fit.device} at context {context} (the "
                          f"fastest, {fastest.label}, is predicted at {fastest.hz:.1f} Hz); "
                          f"lower --hz or the context")
+    law, reason = law_for(fit_doc, law, {e.expansion for e in choices})
+    if law is None:
+        if fallback != "measured":
+            raise ValueError(f"{reason}; pass --fallback measured to pick the sweep's best "
+                             f"measured run instead")
+        row, rule = _measured(cfg, cands, budget, hz, rows)
+        choice, reason = {"constrained": row, "free": None}, f"{reason}. {rule}"
+    else:
+        choice = best(law, fit_doc["laws"][law], float(budget), cands, hz=hz)
+    row = choice["constrained"]
+    if row is None:
+        raise ValueError(f"the {law} law gives no finite loss for a member meeting {hz:g} Hz")
     per_step = base.batch_size * context
     steps = max(1, round(row["D"] / per_step))
     train = _recipe_with(base, cfg.family, row["d_model"], _choice(row), context,
                          steps * per_step, cfg.data)
-    return {"law": law, "hz": hz, "device": cfg.fit.device, "shape": cfg.fit.shape,
-            "context": context, "budget": float(budget), "pick": row, "free": choice["free"],
-            "steps": steps, "train": train}
+    return {"law": law, "law_reason": reason, "hz": hz, "device": cfg.fit.device,
+            "shape": cfg.fit.shape, "context": context, "budget": float(budget), "pick": row,
+            "free": choice["free"], "steps": steps, "train": train}
+
+
+def law_for(fit_doc: dict, law: str | None, E_values) -> tuple[str | None, str]:
+    """(law, why) for models of the expansion rates ``E_values``: ``law`` if it may be used
+    (else a ValueError saying why not), or the best usable one; (None, why) when none may."""
+    from scaling.identify import choose_law, out_of_scope, unusable
+
+    if law is None:
+        return choose_law(fit_doc, E_values=E_values)
+    laws = fit_doc.get("laws", {})
+    fitted = [k for k, v in laws.items() if "skipped" not in v]
+    if law not in laws or "skipped" in laws[law]:
+        why = laws.get(law, {}).get("skipped", "not in this fit document")
+        raise ValueError(f"law {law!r} was not fitted ({why}); fitted: {fitted}")
+    why = unusable(fit_doc, law) or out_of_scope(law, laws[law], E_values)
+    if why:
+        raise ValueError(f"law {law!r} may not be used: {why}")
+    return law, f"{law}: asked for (usable: fitted, held-out error, no coefficient at a bound)"
+
+
+def _measured(cfg, cands, budget: float, hz: float, rows) -> tuple[dict, str]:
+    """The measured rule: (the pick's row, how it was chosen)."""
+    from scaling.optimum import candidate_row
+
+    if rows is None:
+        path = Path(cfg.out) / "results.jsonl"
+        if not path.is_file():
+            raise ValueError(f"no results at {path}: the measured rule needs the sweep's runs")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    by_label = {c.label: c for c in cands}
+    done = [(r, by_label[lab]) for r in rows if r.get("status") == "done"
+            and (lab := f"d{r['d_model']}-{_choice(r).tag}") in by_label
+            and by_label[lab].hz >= hz]
+    if not done:
+        raise ValueError(f"the measured rule: no finished run of an allowed expert choice "
+                         f"meets {hz:g} Hz")
+    top = max(r["budget"] for r, _ in done)
+    r, c = min(((r, c) for r, c in done if r["budget"] == top), key=lambda rc: rc[0]["loss"])
+    row = {**candidate_row(c, float(budget), None), "measured_loss": r["loss"],
+           "measured_at": top}
+    rule = (f"The measured rule picked {c.label}: the lowest validation loss "
+            f"({r['loss']:.3f}) among the finished runs meeting {hz:g} Hz at the sweep's "
+            f"largest budget ({top:.3g} FLOPs), trained for {budget:.3g} FLOPs")
+    return row, rule
 
 
 def student(cfg, picked: dict, tokens: int) -> dict:
@@ -132,10 +194,16 @@ def markdown(doc: dict) -> str:
         if row:
             lines.append(f"| {name} | {row['model']} | {row['num_layers']} | "
                          f"{row['N_active'] / 1e6:.2f}M | {row['N_total'] / 1e6:.2f}M | "
-                         f"{row['E']:g} | {row['D']:.3g} | {row['loss']:.3f} | "
-                         f"{row['hz']:.1f} |")
-    lines += ["", f"Trains {doc['steps']} steps ({doc['train']['tokens']:,} tokens)."]
+                         f"{row['E']:g} | {row['D']:.3g} | {_loss(row)} | {row['hz']:.1f} |")
+    lines += ["", f"Trains {doc['steps']} steps ({doc['train']['tokens']:,} tokens).",
+              f"Law: {doc['law_reason']}."]
     return "\n".join(lines)
+
+
+def _loss(row: dict) -> str:
+    if row.get("loss") is not None:
+        return f"{row['loss']:.3f}"
+    return f"({row['measured_loss']:.3f} measured at {row['measured_at']:.3g} FLOPs)"
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -148,7 +216,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="control rate to meet (default: the sweep's fit.hz)")
     p.add_argument("--context", type=int, default=None,
                    help="training context (default: the recipe's)")
-    p.add_argument("--law", default=None, help="default: the lowest held-out error")
+    p.add_argument("--law", default=None,
+                   help="default: the usable law with the lowest held-out error")
+    p.add_argument("--fallback", choices=FALLBACKS, default="none",
+                   help="when no law may be used: an error (none, the default) or the "
+                        "sweep's best measured run (measured)")
     p.add_argument("--any", action="store_true", help="dense members may be picked too")
     p.add_argument("--out", required=True, help="training config YAML to write")
     p.add_argument("--student-out", default=None,
@@ -169,7 +241,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no fit at {fit_path}: run `moe-gato sweep --config {args.sweep}` "
                          f"(or `moe-gato fit`) first, or pass --fit")
     doc = pick(cfg, json.loads(fit_path.read_text()), args.budget, hz=args.hz,
-               context=args.context, moe_only=not args.any, law=args.law)
+               context=args.context, moe_only=not args.any, law=args.law,
+               fallback=args.fallback)
     path, _ = write_train(doc["train"], args.out)
     print(markdown(doc))
     print(f"wrote {path}")

@@ -4,6 +4,7 @@
     moe-gato plan --table 1e19,1e20,1e21,1e22,1e23 --hardware 64xH100 --hz 20
     moe-gato plan --budget 1e21 --hardware 8xH200 --fit runs/sweep/tiny/fit/fit.json --law joint
     moe-gato plan --budget 1e20 --hardware 64xH100 --hz 20 --mfu 0.3 --json plan.json
+    moe-gato plan --budget 1e20 --hardware 8xH100 --global-batch 512 --data-tokens 2e9
 
     from scaling.plan import plan, plans
     row = plan(1e21, "64xH100", hz=20)                    # Epoch's Chinchilla fit
@@ -14,7 +15,8 @@ d_model, depth d_model / 32, FF 4 x d_model, on the family's base preset) for wi
 are multiples of its head_dim from 2 heads to 8192 (``default_widths``: every multiple up to
 16 heads, then steps of at most 6.25%) and the expert choices ``EXPERT_GRID``: dense, and
 8, 16, 32 or 64 experts per modality group with k = 1 or 2 and granularity G = 1 or 2
-(the chinchilla law has no term for experts: with it, dense members only).
+(a law without a term for experts ranks only the members of the expansion rate it was
+fitted at: chinchilla, and Epoch's prior, dense members only).
 For a budget C each trains on D = C / (training FLOPs per token) tokens
 (``moe_gato.model.accounting``, attention at the context included); the law predicts its loss
 (``scaling.optimum``). The plan takes the lowest predicted loss among candidates whose
@@ -22,9 +24,10 @@ predicted batch-1 control rate on ONE device of the hardware's kind (the latency
 benchmarks/latency_model.json, ``moe_gato.eval.latency.predict_hz``) meets ``hz`` and that
 fit the hardware's memory in some layout.
 
-The layout: data parallelism over all devices, expert parallelism ``ep`` (a divisor of the
-experts per group and of the device count; ep devices hold disjoint experts, each expert is
-replicated over devices / ep), ZeRO stage s over data-parallel ranks (experts: over the
+The layout (``scaling.layout``): data parallelism over all devices, expert parallelism
+``ep`` (a divisor of the experts per group and of the device count; ep devices hold
+disjoint experts, each expert is replicated over devices / ep), ZeRO stage s over
+data-parallel ranks (experts: over the
 devices / ep ranks that hold the same experts). No tensor or pipeline parallelism: each
 device holds the whole dense part. For each ep, the smallest stage whose memory per device
 fits ``(1 - headroom)`` of the device's memory at some micro-batch, with the largest
@@ -34,7 +37,16 @@ weights and two moments (12, sharded from stage 1) + the activations one micro-b
 for backward (``accounting.activation_bytes``: no recomputation). Stage 3 is not offered:
 the trainer does not run it (moe_gato/train/config.py), nor does DeepSpeed's MoE.
 
-Time: compute = tokens x FLOPs per token / (devices x peak x MFU), MFU stated (default 0.4).
+The global batch follows the rule of ``scaling.hyper`` (DeepSeek LLM's exponent, anchored
+at this project's recipe: ~1M tokens at 1e21 FLOPs), in whole sequences, a multiple of the
+devices; ``--global-batch`` fixes it. The plan notes when D exceeds the unique tokens of
+the data (``--data-tokens``; default the default suite's 12.6M): a law fitted on fresh
+tokens says nothing of repeated ones (Muennighoff et al. 2023: up to ~4 epochs cost little,
+beyond ~16 the returns vanish).
+
+Time: compute = tokens x FLOPs per token / (devices x peak x MFU), MFU by model size from
+this project's measurements on that device (``scaling.mfu``), or 0.4 where none was made
+near the size (said so), or ``--mfu``.
 Expert-parallel all-to-all per step and device: per MoE layer 2 all-to-alls forward
 (dispatch, combine) and 2 backward, each of tokens per device x k G copies x d_model x 2
 bytes (bf16), the share (ep - 1) / ep under uniform routing leaving the device; the peers
@@ -63,20 +75,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from scaling.hardware import Hardware, parse_hardware
+from scaling.layout import (HEADROOM, ZERO_STAGES, Layout, all_to_all, choose_layout,
+                            fitting_layouts, gradient_reduction, memory_per_gpu, split_params,
+                            step_time)
+from scaling.mfu import mfu_for
 
 if TYPE_CHECKING:
-    from moe_gato.model.config import ModelConfig
     from scaling.family import FamilyConfig
     from scaling.optimum import Candidate
 
 #: Epoch AI's refit of Chinchilla's approach 3 (Besiroglu et al. 2024, "Chinchilla Scaling: A
 #: replication attempt"): L = E + A / N^alpha + B / D^beta, dense text LMs
 EPOCH_CHINCHILLA = {"A": 482.01, "B": 2085.43, "E": 1.8172, "alpha": 0.3478, "beta": 0.3658}
-MFU = 0.4                 # model FLOPs utilisation assumed for the whole run
-HEADROOM = 0.2            # device memory kept free (CUDA context, buffers, fragmentation)
-GLOBAL_BATCH = 1024       # sequences per optimizer step (1M tokens at context 1024)
 CONTEXT = 1024            # Gato's context
-ZERO_STAGES = (1, 2)
+#: unique tokens of the default suite (configs/collect/default.yaml, README: 12.6M)
+DEFAULT_DATA_TOKENS = 12.6e6
 MAX_WIDTH = 8192
 LATENCY_FIT_MAX_ACTIVE = 84e6  # gato-79m's active parameters, the largest latency-model preset
 #: (experts, k, G): dense, then 8-64 experts per group, top-1 or top-2, granularity 1 or 2
@@ -105,12 +118,16 @@ def default_widths(head_dim: int, max_width: int = MAX_WIDTH, step: float = 0.06
 # ------------------------------------------------------------------------------ the law
 
 
-def resolve_law(fit_doc: dict | None, law: str | None, coefs: dict | None
+def resolve_law(fit_doc: dict | None, law: str | None, coefs: dict | None, E_values=None
                 ) -> tuple[str, dict, str]:
-    """(law, coefficients, where they come from). ``coefs`` given: used as is; ``fit_doc``
-    (a fit.json): its ``law``, or the fitted law with a data term and the lowest held-out
-    error; neither: Epoch's Chinchilla fit."""
-    from scaling.fit import LAWS, best_law
+    """(law, coefficients, where they come from and why it may be used). ``coefs`` given:
+    used as is; ``fit_doc`` (a fit.json): its ``law`` if usable, else the usable law with a
+    data term and the lowest held-out error among those that may compare the expansion
+    rates ``E_values`` (then any usable one: the candidates are cut to its rate); neither:
+    Epoch's Chinchilla fit. A law without a held-out error, or with a coefficient at a bound,
+    is never used (``scaling.identify``)."""
+    from scaling.fit import LAWS
+    from scaling.identify import choose_law, unusable
 
     if law is not None and law not in LAWS:
         raise ValueError(f"law: unknown law {law!r}; choose from {', '.join(LAWS)}")
@@ -131,16 +148,26 @@ def resolve_law(fit_doc: dict | None, law: str | None, coefs: dict | None
     laws = fit_doc.get("laws")
     if not isinstance(laws, dict):
         raise ValueError("fit document has no 'laws' mapping (is it a moe-gato fit.json?)")
+    for name, c in laws.items():  # a malformed document is an error, whichever law is used
+        if "skipped" not in c:
+            _finite_coefs(name, c)
     if law is None:
-        law = best_law(fit_doc, exclude=("clark",))
+        law, why = choose_law(fit_doc, E_values=E_values, exclude=("clark",))
         if law is None:
-            raise ValueError(f"fit document: no law with a data term was fitted (laws: "
-                             f"{_law_states(laws)})")
-    if law not in laws:
-        raise ValueError(f"fit document has no law {law!r} (it has: {_law_states(laws)})")
-    if "skipped" in laws[law]:
-        raise ValueError(f"law {law!r} was not fitted: {laws[law]['skipped']}")
-    source = f"fitted to {fit_doc.get('results', 'a sweep')} (tiny CPU runs): an extrapolation"
+            law, why = choose_law(fit_doc, exclude=("clark",))
+        if law is None:
+            raise ValueError(f"fit document: {why} (laws: {_law_states(laws)})")
+    else:
+        if law not in laws:
+            raise ValueError(f"fit document has no law {law!r} (it has: {_law_states(laws)})")
+        if "skipped" in laws[law]:
+            raise ValueError(f"law {law!r} was not fitted: {laws[law]['skipped']}")
+        bad = unusable(fit_doc, law)
+        if bad:
+            raise ValueError(f"law {law!r} may not be used: {bad}")
+        why = f"{law}: asked for (usable: a held-out error, no coefficient at a bound)"
+    source = (f"fitted to {fit_doc.get('results', 'a sweep')}: an extrapolation past its "
+              f"runs; {why}")
     return law, _finite_coefs(law, laws[law]), source
 
 
@@ -157,186 +184,36 @@ def _finite_coefs(law: str, coefs: dict) -> dict:
     if bad:
         raise ValueError(f"law {law!r}: coefficients {bad} are missing or not finite numbers")
     out = {k: float(coefs[k]) for k in params}
-    if coefs.get("E_max") is not None:
-        out["E_max"] = float(coefs["E_max"])
+    for k in ("E_max", "E_scope"):
+        if coefs.get(k) is not None:
+            out[k] = float(coefs[k])
+    if coefs.get("n_column"):
+        out["n_column"] = str(coefs["n_column"])
     return out
-
-
-# ---------------------------------------------------------------------- memory and layout
-
-
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class Layout:
-    data_parallel: int
-    expert_parallel: int
-    zero_stage: int
-    micro_batch: int          # sequences per forward on one device
-    grad_accum: int
-    memory: dict              # bytes per device: weights, grads, optimizer, activations, total
-    limit_bytes: float        # the memory it had to fit: (1 - headroom) x device memory
-
-    def trainer_overrides(self, global_batch: int) -> str:
-        """The trainer's dotted overrides that run this layout."""
-        batch = f"batch_size={global_batch} micro_batch_size={self.micro_batch}"
-        if self.expert_parallel == 1:
-            return (f"deepspeed.enabled=true deepspeed.zero_stage={self.zero_stage} {batch}")
-        return (f"expert_parallel_size={self.expert_parallel} {batch} (torchrun: the trainer "
-                f"does not combine expert parallelism with ZeRO yet; ZeRO-{self.zero_stage} "
-                f"with it needs DeepSpeed's MoE)")
-
-
-def split_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(dense, routed-expert) parameters: experts shard over expert-parallel ranks; routers
-    and shared experts are replicated like the dense part."""
-    from moe_gato.model.accounting import param_breakdown
-
-    b = param_breakdown(cfg)
-    expert = sum(v for k, v in b.items() if k.startswith("moe.") and k.endswith(".experts"))
-    return sum(b.values()) - expert, expert
-
-
-def memory_per_gpu(cfg: ModelConfig, hardware: Hardware, *, expert_parallel: int,
-                   zero_stage: int, micro_batch: int, seq_len: int) -> dict[str, int]:
-    """Bytes one device holds while training (see the module docstring)."""
-    from moe_gato.model.accounting import activation_bytes
-
-    if zero_stage not in (0, 1, 2):
-        raise ValueError(f"zero_stage must be 0, 1 or 2, got {zero_stage}")
-    P, ep = hardware.gpus, expert_parallel
-    if P % ep:
-        raise ValueError(f"expert_parallel ({ep}) must divide the {P} devices")
-    dense, expert = split_params(cfg)
-    if expert % ep:
-        raise ValueError(f"expert_parallel ({ep}) must divide the experts")
-    local_expert = expert // ep
-
-    def held(stage_from: int) -> int:  # params whose state is sharded from ``stage_from`` on
-        if zero_stage < stage_from:
-            return dense + local_expert
-        return -(-dense // P) + -(-local_expert // (P // ep))
-
-    out = {"weights": 2 * (dense + local_expert), "grads": 2 * held(2),
-           "optimizer": 12 * held(1),
-           "activations": activation_bytes(cfg, seq_len=seq_len, batch=micro_batch)}
-    out["total"] = sum(out.values())
-    return out
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-# ------------------------------------------------------------------------ communication
-
-
-def all_to_all(cfg: ModelConfig, hardware: Hardware, *, expert_parallel: int,
-               tokens_per_gpu: float) -> dict[str, float]:
-    """Expert-parallel all-to-all bytes leaving one device per step, and their seconds."""
-    ep = expert_parallel
-    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
-    if ep == 1 or not moe_layers:
-        return {"bytes": 0.0, "intra_bytes": 0.0, "inter_bytes": 0.0, "seconds": 0.0}
-    copies = tokens_per_gpu * cfg.moe.experts_per_token
-    per_peer = 4 * moe_layers * copies * cfg.d_model * 2 / ep  # 4 = 2 forward + 2 backward
-    in_node = min(ep, hardware.gpus_per_node)
-    intra, inter = per_peer * (in_node - 1), per_peer * (ep - in_node)
-    seconds = max(intra / hardware.intra_node_bytes_per_s, inter / hardware.inter_node_bytes_per_s)
-    return {"bytes": intra + inter, "intra_bytes": intra, "inter_bytes": inter,
-            "seconds": seconds}
-
-
-def gradient_reduction(cfg: ModelConfig, hardware: Hardware, *, expert_parallel: int
-                       ) -> dict[str, float]:
-    """Ring reduction of bf16 gradients per step and device: dense over all devices,
-    experts over the devices holding the same experts."""
-    dense, expert = split_params(cfg)
-    P, ep = hardware.gpus, expert_parallel
-    ring = (lambda n: 2 * (n - 1) / n)
-    sent = ring(P) * 2 * dense + ring(P // ep) * 2 * expert / ep
-    bw = hardware.inter_node_bytes_per_s if P > hardware.gpus_per_node \
-        else hardware.intra_node_bytes_per_s
-    return {"bytes": sent, "seconds": sent / bw}
-
-
-def fitting_layouts(cfg: ModelConfig, hardware: Hardware, *, global_batch: int, seq_len: int,
-                    zero_stages=ZERO_STAGES, headroom: float = HEADROOM) -> list[Layout]:
-    """For each expert-parallel degree (1 for a dense model), the smallest ZeRO stage that
-    fits at some micro-batch (a power of two dividing global_batch / devices), with the
-    largest micro-batch that fits; degrees where nothing fits are left out."""
-    P = hardware.gpus
-    if global_batch % P:
-        raise ValueError(f"global_batch ({global_batch} sequences) must be a multiple of the "
-                         f"{P} devices")
-    per_gpu = global_batch // P
-    micro = [m for m in (2**i for i in range(per_gpu.bit_length())) if per_gpu % m == 0]
-    limit = (1 - headroom) * hardware.memory_bytes
-    eps = [1]
-    if cfg.ffn == "moe":
-        experts = math.gcd(*(cfg.moe.num_experts_of(g) for g in cfg.moe.groups))
-        eps = _divisors(math.gcd(experts, P))
-    out = []
-    for ep in eps:
-        for stage in sorted(zero_stages):
-            fits = [(m, mem) for m in micro
-                    if (mem := memory_per_gpu(cfg, hardware, expert_parallel=ep, zero_stage=stage,
-                                              micro_batch=m, seq_len=seq_len))["total"] <= limit]
-            if fits:
-                m, mem = fits[-1]
-                out.append(Layout(data_parallel=P, expert_parallel=ep, zero_stage=stage,
-                                  micro_batch=m, grad_accum=per_gpu // m, memory=mem,
-                                  limit_bytes=limit))
-                break
-    return out
-
-
-def step_time(cfg: ModelConfig, hardware: Hardware, layout: Layout, *, global_batch: int,
-              seq_len: int, mfu: float = MFU) -> dict:
-    """Seconds of one optimizer step: compute at ``mfu``, the all-to-all (exposed) and the
-    part of the gradient reduction the backward pass (2/3 of compute) cannot hide."""
-    from moe_gato.model.accounting import flops_per_token
-
-    tokens = global_batch * seq_len / hardware.gpus
-    compute = tokens * flops_per_token(cfg, training=True, seq_len=seq_len) \
-        / (hardware.peak_flops * mfu)
-    a2a = all_to_all(cfg, hardware, expert_parallel=layout.expert_parallel, tokens_per_gpu=tokens)
-    red = gradient_reduction(cfg, hardware, expert_parallel=layout.expert_parallel)
-    exposed = max(0.0, red["seconds"] - 2 / 3 * compute)
-    return {"compute_s": compute, "all_to_all": a2a, "gradient_reduction": red,
-            "reduction_exposed_s": exposed, "step_s": compute + a2a["seconds"] + exposed}
-
-
-def choose_layout(cfg: ModelConfig, hardware: Hardware, *, global_batch: int, seq_len: int,
-                  zero_stages=ZERO_STAGES, headroom: float = HEADROOM, mfu: float = MFU
-                  ) -> Layout | None:
-    """The fastest step among ``fitting_layouts`` (ties: less expert parallelism); None
-    when no layout fits."""
-    options = fitting_layouts(cfg, hardware, global_batch=global_batch, seq_len=seq_len,
-                              zero_stages=zero_stages, headroom=headroom)
-    if not options:
-        return None
-    return min(options, key=lambda lay: (step_time(cfg, hardware, lay, global_batch=global_batch,
-                                                   seq_len=seq_len, mfu=mfu)["step_s"],
-                                         lay.expert_parallel))
 
 
 # -------------------------------------------------------------------------------- plans
 
 
-def _check(budgets, hz, mfu, headroom, zero_stages, global_batch, context) -> None:
+def _check(budgets, hz, mfu, headroom, zero_stages, global_batch, context, data_tokens
+           ) -> None:
     for b in budgets:
         if not (isinstance(b, (int, float)) and math.isfinite(b) and b > 0):
             raise ValueError(f"budget must be a finite number of FLOPs > 0, got {b}")
     if not (math.isfinite(hz) and hz > 0):
         raise ValueError(f"hz must be a control rate > 0, got {hz}")
-    if not 0 < mfu <= 1:
+    if mfu is not None and not 0 < mfu <= 1:
         raise ValueError(f"mfu must lie in (0, 1], got {mfu}")
     if not 0 <= headroom < 1:
         raise ValueError(f"headroom must lie in [0, 1), got {headroom}")
     if not zero_stages or any(s not in (0, 1, 2) for s in zero_stages):
         raise ValueError(f"zero_stages must be a non-empty subset of 0, 1, 2 (the trainer "
                          f"runs no ZeRO-3), got {list(zero_stages)}")
-    if global_batch < 1 or context < 1:
+    if (global_batch is not None and global_batch < 1) or context < 1:
         raise ValueError(f"global_batch and context must be >= 1, got {global_batch}, {context}")
+    if data_tokens is not None and not data_tokens > 0:
+        raise ValueError(f"data_tokens must be > 0 (unique tokens of the data), got "
+                         f"{data_tokens}")
 
 
 def build_candidates(hardware: Hardware, *, family: FamilyConfig | None = None,
@@ -356,35 +233,55 @@ def build_candidates(hardware: Hardware, *, family: FamilyConfig | None = None,
 def plans(budgets, hardware: str | Hardware, *, hz: float, fit_doc: dict | None = None,
           law: str | None = None, coefs: dict | None = None, family: FamilyConfig | None = None,
           base_model: dict | None = None, experts=None, widths=None, context: int = CONTEXT,
-          mfu: float = MFU, shape: str = "metaworld", zero_stages=ZERO_STAGES,
-          global_batch: int = GLOBAL_BATCH, headroom: float = HEADROOM,
+          mfu: float | None = None, shape: str = "metaworld", zero_stages=ZERO_STAGES,
+          global_batch: int | None = None, headroom: float = HEADROOM,
+          data_tokens: float | None = DEFAULT_DATA_TOKENS,
           cands: list[Candidate] | None = None) -> list[dict]:
-    """One plan per budget (see ``plan``); the candidates are built once."""
+    """One plan per budget (see ``plan``); the candidates are built once. ``mfu`` None: by
+    model size (``scaling.mfu``); ``global_batch`` None: the batch rule (``scaling.hyper``);
+    ``data_tokens``: unique tokens of the data (None: not checked)."""
+    from scaling.identify import ranks_experts
+
     budgets = [float(b) if isinstance(b, (int, float)) else b for b in budgets]
-    _check(budgets, hz, mfu, headroom, zero_stages, global_batch, context)
+    _check(budgets, hz, mfu, headroom, zero_stages, global_batch, context, data_tokens)
     hw = parse_hardware(hardware) if isinstance(hardware, str) else hardware
-    if global_batch % hw.gpus:
+    if global_batch is not None and global_batch % hw.gpus:
         raise ValueError(f"global_batch ({global_batch} sequences) must be a multiple of the "
                          f"{hw.gpus} devices of {hw.name}")
-    law, coefs, source = resolve_law(fit_doc, law, coefs)
     from scaling.family import FamilyConfig
 
     family = family or FamilyConfig()
     if cands is None:
         cands = build_candidates(hw, family=family, base_model=base_model, experts=experts,
                                  widths=widths, context=context, shape=shape)
+    law, coefs, source = resolve_law(fit_doc, law, coefs,
+                                     E_values={c.experts.expansion for c in cands})
     base_model = base_model or family.base_model()
     pool = f"{len(cands)} family members"
-    if law == "chinchilla":  # no term for experts: an MoE would count as a dense model
-        cands = [c for c in cands if c.experts.dense]
-        pool = f"{len(cands)} dense family members (the chinchilla law has no term for experts)"
+    if not ranks_experts(law):  # it would rank an MoE as a dense model of its active N
+        scope = coefs.get("E_scope", 1.0 if law == "chinchilla" else None)
+        if scope is None:
+            raise ValueError(f"law {law}: no term for the number of experts and no E_scope "
+                             f"(the expansion rate it was fitted at) to restrict the "
+                             f"candidates to")
+        cands = [c for c in cands if c.experts.expansion == scope]
+        pool = (f"{len(cands)} family members of E = {scope:g} (the {law} law has no term for "
+                f"experts: it ranks only the rate it was fitted at)")
         if not cands:
-            raise ValueError("law chinchilla: no dense candidate (experts: 1) to choose from")
-    layouts: dict[str, tuple] = {}  # label: (config, layout or None), shared by the budgets
+            raise ValueError(f"law {law}: no candidate of E = {scope:g} to choose from")
+    layouts: dict[tuple, tuple] = {}  # (label, batch): (config, layout or None)
     return [_plan_one(b, hw, hz=hz, law=law, coefs=coefs, source=source, pool=pool, family=family,
                       base_model=base_model, context=context, mfu=mfu, shape=shape,
-                      zero_stages=tuple(zero_stages), global_batch=global_batch,
-                      headroom=headroom, cands=cands, layouts=layouts) for b in budgets]
+                      zero_stages=tuple(zero_stages),
+                      global_batch=global_batch or _rule_batch(b, context, hw),
+                      batch_source="given" if global_batch else "rule", headroom=headroom,
+                      data_tokens=data_tokens, cands=cands, layouts=layouts) for b in budgets]
+
+
+def _rule_batch(budget: float, context: int, hw: Hardware) -> int:
+    from scaling.hyper import HyperRule
+
+    return HyperRule().batch_sequences(budget, context, multiple_of=hw.gpus)
 
 
 def plan(budget: float, hardware: str | Hardware, *, hz: float, **kw) -> dict:
@@ -397,7 +294,8 @@ def plan(budget: float, hardware: str | Hardware, *, hz: float, **kw) -> dict:
 
 
 def _plan_one(budget, hw, *, hz, law, coefs, source, pool, family, base_model, context, mfu, shape,
-              zero_stages, global_batch, headroom, cands, layouts) -> dict:
+              zero_stages, global_batch, batch_source, headroom, data_tokens, cands,
+              layouts) -> dict:
     from scaling.optimum import predicted_losses
 
     loss = predicted_losses(law, coefs, budget, cands)
@@ -405,9 +303,10 @@ def _plan_one(budget, hw, *, hz, law, coefs, source, pool, family, base_model, c
     out = {"budget": budget, "hardware": hw.name, "hz_target": hz, "law": law, "coefs": coefs,
            "law_source": source, "candidates": pool, "latency_device": hw.latency_device,
            "latency_note": hw.latency_note, "shape": shape,
-           "context": context, "mfu": mfu, "headroom": headroom, "global_batch": global_batch,
-           "chosen": None, "layout": None, "comm": None, "time": None, "free": None,
-           "notes": []}
+           "context": context, "mfu": mfu, "mfu_source": "given" if mfu else None,
+           "headroom": headroom, "global_batch": global_batch, "batch_source": batch_source,
+           "data_tokens": data_tokens, "chosen": None, "layout": None, "comm": None,
+           "time": None, "free": None, "notes": []}
     notes = out["notes"]
     if not ranked:
         notes.append("the law gives no finite loss for any candidate")
@@ -430,7 +329,9 @@ def _plan_one(budget, hw, *, hz, law, coefs, source, pool, family, base_model, c
     if skipped:
         notes.append(f"{skipped} better candidate(s) meeting the rate did not fit in memory")
     row = _model_row(c, budget, v, global_batch, context)
-    t = step_time(cfg, hw, layout, global_batch=global_batch, seq_len=context, mfu=mfu)
+    used, out["mfu_source"] = (mfu, "given") if mfu else mfu_for(hw.kind, c.N_active)
+    out["mfu"] = used
+    t = step_time(cfg, hw, layout, global_batch=global_batch, seq_len=context, mfu=used)
     wall = row["steps"] * t["step_s"]
     out.update(chosen=row, layout={**dataclasses.asdict(layout),
                                    "trainer": layout.trainer_overrides(global_batch)},
@@ -444,6 +345,11 @@ def _plan_one(budget, hw, *, hz, law, coefs, source, pool, family, base_model, c
     if row["steps"] < 1000:
         notes.append(f"{row['steps']} steps at {global_batch} sequences per step: a smaller "
                      f"global batch would give the optimizer more steps")
+    if data_tokens and row["D"] > data_tokens:
+        notes.append(f"{c.label} trains {row['D']:.3g} tokens = {row['D'] / data_tokens:.3g} "
+                     f"epochs of the {data_tokens:.3g} unique tokens of the data: the law was "
+                     f"fitted on fresh tokens; repeated ones are worth less (Muennighoff et al. "
+                     f"2023: little lost up to ~4 epochs, next to nothing gained past ~16)")
     return out
 
 
@@ -451,18 +357,20 @@ def _first_that_fits(ranked, cands, layouts, hw, *, family, base_model, context,
                      zero_stages, headroom, mfu):
     """(candidate, loss, config, layout, how many better ones did not fit) of the first
     candidate in ``ranked`` ((loss, index) pairs) with a layout; None if none has one.
-    ``layouts`` caches {label: (config, layout or None)} across budgets."""
+    ``layouts`` caches {(label, global batch): (config, layout or None)} across budgets."""
     from scaling.family import model_config
 
     for skipped, (v, i) in enumerate(ranked):
         c = cands[i]
-        if c.label not in layouts:
+        key = (c.label, global_batch)
+        if key not in layouts:
             cfg = model_config(family, d_model=c.d_model, experts=c.experts, base=base_model,
                                context_length=context)
-            layouts[c.label] = (cfg, choose_layout(cfg, hw, global_batch=global_batch,
-                                                   seq_len=context, zero_stages=zero_stages,
-                                                   headroom=headroom, mfu=mfu))
-        cfg, layout = layouts[c.label]
+            used = mfu or mfu_for(hw.kind, c.N_active)[0]
+            layouts[key] = (cfg, choose_layout(cfg, hw, global_batch=global_batch,
+                                               seq_len=context, zero_stages=zero_stages,
+                                               headroom=headroom, mfu=used))
+        cfg, layout = layouts[key]
         if layout is not None:
             return c, v, cfg, layout, skipped
     return None
@@ -498,25 +406,32 @@ def _duration(s: float) -> str:
 def markdown(rows: list[dict]) -> str:
     """The plans as a table, with the assumptions and caveats above it."""
     r0 = rows[0]
-    coefs = ", ".join(f"{k}={v:.4g}" for k, v in r0["coefs"].items())
+    coefs = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in r0["coefs"].items())
+    data = f"{r0['data_tokens']:.3g} unique tokens" if r0["data_tokens"] else "not checked"
     lines = [
         f"Plan on {r0['hardware']}, control rate >= {r0['hz_target']:g} Hz (batch 1, "
         f"{r0['shape']} observations, context {r0['context']}, on ONE device, latency model "
         f"`{r0['latency_device']}`{'; ' + r0['latency_note'] if r0['latency_note'] else ''}).",
         f"Law: {r0['law']} ({coefs}); {r0['law_source']}. Candidates: {r0['candidates']}.",
-        f"Cost model: MFU {r0['mfu']:g} of dense bf16 peak; global batch {r0['global_batch']} "
-        f"sequences; memory: bf16 weights + bf16 grads + 12 B/param AdamW fp32 state (ZeRO-"
-        f"sharded) + activations, within {100 * (1 - r0['headroom']):.0f}% of device memory; "
-        f"all-to-all not overlapped. Beyond the fitted ranges: an extrapolation, a sketch.",
+        f"Cost model: MFU of dense bf16 peak by model size (per row: measured here near "
+        f"that size, else 0.4 stated; or given); global batch per row (the rule of "
+        f"scaling.hyper, or given); memory: bf16 weights + bf16 grads + 12 B/param AdamW fp32 "
+        f"state (ZeRO-sharded) + activations, within {100 * (1 - r0['headroom']):.0f}% of "
+        f"device memory; all-to-all not overlapped. Data: {data}. Beyond the fitted "
+        f"ranges: an extrapolation, a sketch.",
         "",
         "| C (FLOPs) | model | N active | N total | E (experts, k, G) | D (tokens) | steps | "
-        "Hz | loss | layout (DP, EP, ZeRO, micro x accum) | GiB/GPU | all-to-all/step | "
-        "wall-clock | GPU-hours | at any rate: model, loss |",
-        "|---" * 15 + "|"]
+        "global batch | Hz | loss | MFU | layout (DP, EP, ZeRO, micro x accum) | GiB/GPU | "
+        "all-to-all/step | wall-clock | GPU-hours | at any rate: model, loss |",
+        "|---" * 17 + "|"]
     notes = []
     for r in rows:
         C = f"{r['budget']:.0e}".replace("e+", "e")
         notes += [f"{C}: {n}" for n in r["notes"]]
+        if r["chosen"] is not None:
+            notes.append(f"{C}: MFU {r['mfu']:.3g} ({r['mfu_source']}); global batch "
+                         f"{r['global_batch']} sequences ({r['batch_source']})")
         lines.append(f"| {C} | " + " | ".join(_cells(r)) + " |")
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
@@ -529,11 +444,12 @@ def _cells(r: dict) -> list[str]:
     free = f"{free['model']}, {free['loss']:.3f}" if free else "-"
     c, lay = r["chosen"], r["layout"]
     if c is None:
-        return ["none meets the rate and fits"] + [""] * 12 + [free]
+        return ["none meets the rate and fits"] + [""] * 14 + [free]
     a2a = r["comm"]["all_to_all"]
     return [f"{c['model']} ({c['num_layers']} layers)", _si(c["N_active"]), _si(c["N_total"]),
             "dense" if c["experts"] == 1 else f"{c['E']:g} ({c['experts']}, {c['k']}, {c['G']})",
-            f"{c['D']:.2e}", str(c["steps"]), f"{c['hz']:.1f}", f"{c['loss']:.3f}",
+            f"{c['D']:.2e}", str(c["steps"]), str(r["global_batch"]), f"{c['hz']:.1f}",
+            f"{c['loss']:.3f}", f"{r['mfu']:.3g}",
             f"{lay['data_parallel']}, {lay['expert_parallel']}, {lay['zero_stage']}, "
             f"{lay['micro_batch']} x {lay['grad_accum']}",
             f"{lay['memory']['total'] / 2**30:.1f}",
@@ -572,11 +488,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                  "Chinchilla fit, a dense text-LM law)")
     p.add_argument("--law", help="chinchilla, krajewski or joint (default: the fit's law with "
                                  "the lowest held-out error; chinchilla without --fit)")
-    p.add_argument("--mfu", type=float, default=MFU, help=f"assumed MFU (default {MFU})")
+    p.add_argument("--mfu", type=float, default=None,
+                   help="MFU for every size (default: by model size, measured on the device "
+                        "kind where near, else 0.4; scaling.mfu)")
     p.add_argument("--context", type=int, default=CONTEXT,
                    help=f"training and control context in tokens (default {CONTEXT})")
-    p.add_argument("--global-batch", type=int, default=GLOBAL_BATCH,
-                   help=f"sequences per optimizer step (default {GLOBAL_BATCH})")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="sequences per optimizer step (default: the batch rule of "
+                        "scaling.hyper, per budget)")
+    p.add_argument("--data-tokens", type=float, default=DEFAULT_DATA_TOKENS,
+                   help=f"unique tokens of the training data; a plan that repeats them says "
+                        f"so (default {DEFAULT_DATA_TOKENS:.3g}, the default suite)")
     p.add_argument("--zero-stages", type=_ints, default=list(ZERO_STAGES),
                    help="ZeRO stages to consider, smallest first (default 1,2)")
     p.add_argument("--headroom", type=float, default=HEADROOM,
@@ -603,6 +525,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--table: give at least one budget")
     rows = plans(budgets, args.hardware, hz=args.hz, fit_doc=fit_doc, law=args.law,
                  mfu=args.mfu, context=args.context, global_batch=args.global_batch,
+                 data_tokens=args.data_tokens,
                  zero_stages=args.zero_stages, headroom=args.headroom, shape=args.shape)
     print(markdown(rows))
     if args.json:

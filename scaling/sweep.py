@@ -1,22 +1,19 @@
-"""IsoFLOP sweeps of MoE-Gato: the grid, its runs through a launcher, a results table that
-survives crashes, then the fitted laws.
+"""IsoFLOP sweeps of MoE-Gato: their config and command; the grid (``scaling.grid``), its
+runs through a launcher by one driver per sweep folder (``scaling.driver``), then the fitted
+laws (``scaling.report``).
 
     moe-gato sweep --config configs/sweep/tiny.yaml               # run (or resume), then fit
     moe-gato sweep --config configs/sweep/tiny.yaml --plan-only   # print the grid, run nothing
     moe-gato sweep --config configs/sweep/tiny.yaml launcher.kind=slurm launcher.max_parallel=8
 
-For every compute budget C (FLOPs) and family member (width x expert choice, see
-``scaling.family``) a run trains for D = C / (training FLOPs per token), the model's own
-accounting at the training context (attention included), rounded to whole steps; the D and
-C actually trained are recorded. Each run has its own directory ``out/runs/<name>/``: the
-resolved training config (``train.yaml``, saved before the run starts), the trainer's run
-(``train/``), the launcher's log and ``result.json``. ``out/results.csv`` and
-``results.jsonl`` are rebuilt from the result files after every finished run.
-
-Re-running the sweep skips finished runs (never rewriting their results), retries failed
-ones until ``max_attempts`` (the trainer resumes from its last checkpoint), and records a
-crashed run while the others go on. A run whose saved config differs from the planned one
-is an error: sweep something else under another ``out``.
+Paths in the config (``out``, ``data``, ``train``, ``family.base``,
+``launcher.slurm.folder``) are read once, relative to the folder the command runs in (an
+input found only in this checkout, like a preset, is taken from there), and the runs get
+them absolute: a sweep runs the same from any folder. Re-running the sweep skips finished
+runs, re-attaches to live ones (a driver killed alone leaves its trainers running) and
+retries failed ones until ``max_attempts``; see ``scaling.driver``. A run whose saved
+config differs from the planned one is an error: sweep something else under another
+``out``.
 
 Results columns: ``name, config_hash, budget`` (nominal C), ``C`` (as trained), ``N_total,
 N_active, N_active_nonemb, E`` (expansion rate, 1 = dense; ``scaling.family``), ``experts,
@@ -28,24 +25,25 @@ and ``action_acc/<task>``, ``wall_s, launcher, status`` (done | failed | running
 
 from __future__ import annotations
 
-import collections
-import csv
 import dataclasses
-import hashlib
-import json
 import math
-import os
-import time
 from pathlib import Path
 
-import yaml
-
-from moe_gato.config import from_dict, load_config, to_dict, write_json
-from scaling.family import ExpertChoice, FamilyConfig, model_config
-from scaling.launch import Job, LauncherConfig, make_launcher
+from moe_gato.config import load_config
+from scaling.driver import fit_finished, final_metrics, read_result, run_sweep, write_table
+from scaling.family import ExpertChoice, FamilyConfig
+from scaling.grid import PlannedRun, config_hash, plan, plan_table
+from scaling.design import DesignConfig, check, estimate_seconds, widening_seconds
+from scaling.hyper import HyperRule
+from scaling.launch import LauncherConfig
+from scaling.results import N_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 LAWS = ("chinchilla", "clark", "krajewski", "joint")
+
+__all__ = ["FitConfig", "SweepConfig", "load_sweep_config", "PlannedRun", "config_hash", "plan",
+           "plan_table", "run_sweep", "read_result", "final_metrics", "write_table",
+           "fit_finished", "add_arguments", "run"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -58,11 +56,16 @@ class FitConfig:
     device: str = "cpu-2core"
     shape: str = "metaworld"
     bootstrap: int = 0                  # bootstrap resamples for the laws' intervals
+    #: N of the laws: active parameters, or active non-embedding parameters
+    n_column: str = "N_active"
 
     def __post_init__(self) -> None:
         bad = [law for law in self.laws if law not in LAWS]
         if bad:
             raise ValueError(f"fit.laws: unknown law(s) {bad}; allowed: {list(LAWS)}")
+        if self.n_column not in N_COLUMNS:
+            raise ValueError(f"fit.n_column: {self.n_column!r} is not one of "
+                             f"{', '.join(N_COLUMNS)}")
         if not self.hz > 0:
             raise ValueError(f"fit.hz must be > 0, got {self.hz}")
         if self.bootstrap < 0:
@@ -83,8 +86,15 @@ class SweepConfig:
     #: training context; null keeps the recipe's
     context_length: int | None = None
     budgets: list[float]
-    widths: list[int]
+    #: the grid is budgets x widths x experts; with ``design`` the design places the runs
+    widths: list[int] = dataclasses.field(default_factory=list)
     experts: list[ExpertChoice] = dataclasses.field(default_factory=lambda: [ExpertChoice()])
+    #: a sweep designed to find the optimum (scaling.design): widths per budget centred on
+    #: a prior law, MoE families varying E and G, seeds, automatic widening
+    design: DesignConfig | None = None
+    #: lr, batch and warm-up of each run by its compute and size (scaling.hyper); null keeps
+    #: the recipe's lr and batch and warmup_fraction
+    hyper: HyperRule | None = None
     family: FamilyConfig = dataclasses.field(default_factory=FamilyConfig)
     launcher: LauncherConfig = dataclasses.field(default_factory=LauncherConfig)
     procs: int = 1                      # processes per run (data parallel)
@@ -102,9 +112,9 @@ class SweepConfig:
             raise ValueError(f"name must be letters, digits, '-', '_' or '.', got {self.name!r}")
         if not self.budgets or any(not (b > 0 and math.isfinite(b)) for b in self.budgets):
             raise ValueError(f"budgets must be a non-empty list of FLOPs > 0, got {self.budgets}")
-        if not self.widths or any(w < 1 for w in self.widths):
-            raise ValueError(f"widths must be a non-empty list of d_model values >= 1, "
-                             f"got {self.widths}")
+        if (not self.widths and self.design is None) or any(w < 1 for w in self.widths):
+            raise ValueError(f"widths must be a non-empty list of d_model values >= 1 (or "
+                             f"give a design), got {self.widths}")
         if not self.experts:
             raise ValueError("experts must list at least one choice ({experts: 1} is dense)")
         for field in ("procs", "threads", "max_attempts", "min_steps"):
@@ -114,258 +124,32 @@ class SweepConfig:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.procs > 1 and self.launcher.runner == "python":
             raise ValueError("procs > 1 needs launcher.runner torchrun or deepspeed, not python")
+        if self.design is not None:
+            check(self)
         self.out = self.out or f"runs/sweep/{self.name}"
 
 
 def load_sweep_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
                       ) -> SweepConfig:
-    return load_config(SweepConfig, path, overrides)
+    """The config at ``path`` with dotted ``overrides``, its paths made absolute (see the
+    module's docstring)."""
+    cfg = load_config(SweepConfig, path, overrides)
+    cfg.out = str(Path(cfg.out).absolute())
+    cfg.data = str(Path(cfg.data).absolute())
+    cfg.train = str(_input_path(cfg.train))
+    cfg.family.base = str(_input_path(cfg.family.base))
+    if cfg.design is not None and cfg.design.prior != "epoch":
+        cfg.design.prior = str(_input_path(cfg.design.prior))
+    return cfg
 
 
-# ------------------------------------------------------------------------------ the grid
-@dataclasses.dataclass(kw_only=True)
-class PlannedRun:
-    name: str
-    budget: float
-    d_model: int
-    experts: ExpertChoice
-    train: dict                  # the resolved training config of the run
-    config_hash: str
-    N_total: int
-    N_active: float
-    N_active_nonemb: float
-    num_layers: int
-    flops_per_token: float       # training FLOPs per token at the training context
-    steps: int
-    D: int
-    C: float
-
-    def row(self) -> dict:
-        e = self.experts
-        return {"name": self.name, "config_hash": self.config_hash, "budget": self.budget,
-                "C": self.C, "N_total": self.N_total, "N_active": self.N_active,
-                "N_active_nonemb": self.N_active_nonemb, "E": e.expansion,
-                "experts": e.experts, "k": e.k, "G": e.G, "d_model": self.d_model,
-                "num_layers": self.num_layers, "D": self.D, "steps": self.steps}
-
-
-def config_hash(train: dict) -> str:
-    """sha256 of the resolved training config, less where the data lies on disk."""
-    data = json.loads(json.dumps(train))
-    data.get("data", {}).pop("data_dir", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def plan(cfg: SweepConfig) -> tuple[list[PlannedRun], list[str]]:
-    """The IsoFLOP grid: (runs, notes on (budget, model) pairs left out)."""
-    from moe_gato.model import accounting
-    from moe_gato.train import load_train_config
-    from moe_gato.train.config import TrainConfig
-
-    base = load_train_config(cfg.train, cfg.train_overrides)
-    context = cfg.context_length or base.model.context_length
-    per_step = base.batch_size * context
-    runs, notes = [], []
-    for budget in cfg.budgets:
-        for width in cfg.widths:
-            for experts in cfg.experts:
-                model = model_config(cfg.family, d_model=width, experts=experts,
-                                     base=to_dict(base.model), context_length=context)
-                fpt = accounting.flops_per_token(model, training=True, seq_len=context)
-                steps = round(budget / fpt / per_step)
-                name = f"C{budget:.1e}-d{width}-{experts.tag}".replace("+", "")
-                if steps < cfg.min_steps:
-                    notes.append(f"{name}: {steps} steps of {per_step} tokens at this budget "
-                                 f"(min_steps {cfg.min_steps}); left out")
-                    continue
-                train = to_dict(base)
-                train["model"] = to_dict(model)
-                train["data"]["data_dir"] = str(cfg.data)
-                train["data"]["context_len"] = context
-                train.update(tokens=steps * per_step, steps=None, eval_every=steps,
-                             checkpoint_every=max(1, steps // 4), keep_last=2,
-                             log_every=max(1, steps // 50))
-                train["optim"]["warmup_steps"] = max(1, round(cfg.warmup_fraction * steps))
-                from_dict(TrainConfig, train)  # validates the run's config now, not mid-sweep
-                runs.append(PlannedRun(
-                    name=name, budget=budget, d_model=width, experts=experts, train=train,
-                    config_hash=config_hash(train), N_total=accounting.num_params(model),
-                    N_active=accounting.num_active_params(model),
-                    N_active_nonemb=accounting.num_active_params(model, non_embedding=True),
-                    num_layers=model.num_layers, flops_per_token=fpt, steps=steps,
-                    D=steps * per_step, C=steps * per_step * fpt))
-    if not runs:
-        raise ValueError(f"the grid is empty: every (budget, model) pair has fewer than "
-                         f"min_steps ({cfg.min_steps}) steps; raise the budgets")
-    return runs, notes
-
-
-def plan_table(runs: list[PlannedRun]) -> str:
-    lines = ["| run | N active | E | k | G | D (tokens) | steps | C (FLOPs) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        lines.append(f"| {r.name} | {r.N_active / 1e6:.2f}M | {r.experts.expansion:g} | "
-                     f"{r.experts.k} | {r.experts.G} | {r.D:,} | {r.steps} | {r.C:.2e} |")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------ results
-def read_result(run_dir: Path) -> dict | None:
-    path = run_dir / "result.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); move it aside to rerun the run") \
-            from None
-
-
-def final_metrics(train_dir: Path) -> dict:
-    """The final evaluation of a finished training run, as results columns."""
-    from moe_gato.train.metrics import read_metrics
-
-    path = train_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise ValueError(f"{path} is missing")
-    evals = [r for r in read_metrics(train_dir) if "eval/loss" in r]
-    if not evals:
-        raise ValueError(f"{path} holds no evaluation")
-    last = evals[-1]
-    out = {"loss": last["eval/loss"]}
-    acc = []
-    for key, value in last.items():
-        if key.startswith("eval/loss/"):
-            out["loss/" + key[len("eval/loss/"):]] = value
-        elif key.startswith("eval/action_acc/"):
-            out["action_acc/" + key[len("eval/action_acc/"):]] = value
-            acc.append(value)
-    out["action_acc"] = sum(acc) / len(acc) if acc else float("nan")
-    out["final_step"] = last["step"]
-    return out
-
-
-def write_table(out: Path, runs: list[PlannedRun]) -> list[dict]:
-    """results.jsonl and results.csv from every run's result.json (atomically)."""
-    rows = [res for r in runs if (res := read_result(out / "runs" / r.name)) is not None]
-    head = ["name", "config_hash", "budget", "C", "N_total", "N_active", "N_active_nonemb",
-            "E", "experts", "k", "G", "d_model", "num_layers", "D", "steps", "loss",
-            "action_acc", "wall_s", "launcher", "status", "attempts", "error"]
-    extra = sorted({k for row in rows for k in row} - set(head))
-    tmp = out / "results.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=head + extra)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out / "results.csv")
-    tmp = out / "results.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, out / "results.jsonl")
-    return rows
-
-
-def _log_tail(path: Path, chars: int = 1500) -> str:
-    if not path.is_file():
-        return ""
-    return path.read_text(errors="replace")[-chars:]
-
-
-# ------------------------------------------------------------------------------ running
-def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> list[dict]:
-    """Runs (or resumes) the sweep; returns the results rows."""
-    from tqdm import tqdm
-
-    runs, notes = plan(cfg)
-    out = Path(cfg.out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    # the resolved sweep config beside its results (paths as strings)
-    resolved = json.loads(json.dumps(to_dict(cfg), default=str))
-    (out / "sweep.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    for note in notes:
-        print(f"sweep {cfg.name}: {note}", flush=True)
-    todo = collections.deque()
-    for r in runs:
-        res = read_result(out / "runs" / r.name)
-        if res is not None and res.get("config_hash") != r.config_hash:
-            raise ValueError(f"{out / 'runs' / r.name} holds a run of another config (hash "
-                             f"{res.get('config_hash')}, planned {r.config_hash}); a finished "
-                             f"result is never overwritten: sweep into another out folder")
-        if res is None or (res["status"] != "done" and res["attempts"] < cfg.max_attempts):
-            todo.append(r)
-    launcher = make_launcher(cfg.launcher)
-    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"sweep {cfg.name}",
-               unit="run", disable=not progress)
-    running: dict[str, tuple] = {}
-    try:
-        while todo or running:
-            while todo and len(running) < cfg.launcher.max_parallel:
-                r = todo.popleft()
-                running[r.name] = (r, *_launch(cfg, launcher, out, r))
-            time.sleep(cfg.poll_s)
-            for name, (r, handle, started, attempts) in list(running.items()):
-                status = handle.poll()
-                if status is None:
-                    continue
-                del running[name]
-                res = _finish(cfg, out, r, status, time.time() - started, attempts)
-                if res["status"] != "done" and attempts < cfg.max_attempts:
-                    todo.append(r)  # retried: the trainer resumes from its checkpoint
-                else:
-                    bar.update(1)
-                write_table(out, runs)
-                bar.set_postfix(last=f"{name}: {res['status']}")
-    except BaseException:
-        for r, handle, _, _ in running.values():
-            handle.cancel()
-        raise
-    finally:
-        bar.close()
-    return write_table(out, runs)
-
-
-def _launch(cfg: SweepConfig, launcher, out: Path, r: PlannedRun):
-    run_dir = out / "runs" / r.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train.yaml").write_text(yaml.safe_dump(r.train, sort_keys=False))
-    prev = read_result(run_dir)
-    attempts = (prev["attempts"] if prev else 0) + 1
-    write_json(run_dir / "result.json", {**r.row(), "status": "running", "attempts":
-                                           attempts - 1, "launcher": cfg.launcher.kind})
-    job = Job(name=r.name, run_dir=run_dir, procs=cfg.procs, threads=cfg.threads,
-              args=["train", "--config", str(run_dir / "train.yaml"),
-                    "--data", str(cfg.data), "--out", str(run_dir / "train")])
-    return launcher.submit(job), time.time(), attempts
-
-
-def _finish(cfg: SweepConfig, out: Path, r: PlannedRun, status: int, wall: float,
-            attempts: int) -> dict:
-    run_dir = out / "runs" / r.name
-    res = {**r.row(), "launcher": cfg.launcher.kind, "attempts": attempts,
-           "wall_s": round(wall, 1), "exit_status": status}
-    if status == 0:
-        try:
-            res.update(final_metrics(run_dir / "train"), status="done", error="")
-        except ValueError as exc:
-            res.update(status="failed", error=f"exit 0 but {exc}")
-    else:
-        res.update(status="failed", error=f"exit status {status}; log tail: "
-                   + _log_tail(run_dir / "launcher.log", 600).replace("\n", " | "))
-    write_json(run_dir / "result.json", res)
-    return res
-
-
-def fit_finished(cfg: SweepConfig) -> dict:
-    """The laws and the optimum fitted to the sweep's finished runs (``scaling.report``)."""
-    from scaling.report import fit_sweep
-
-    runs, _ = plan(cfg)
-    out = Path(cfg.out)
-    if not (out / "runs").is_dir():
-        raise ValueError(f"{out} holds no sweep runs: run `moe-gato sweep --config ...` first")
-    rows = write_table(out, runs)
-    if not any(row["status"] == "done" for row in rows):
-        raise ValueError(f"no finished run in {out}/runs: nothing to fit")
-    return fit_sweep(cfg, rows)
+def _input_path(path: str) -> Path:
+    """An input file as the user named it: relative to this folder, else to the checkout
+    (the built-in configs), else as given (the error that follows names it)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists() or not (REPO / p).exists():
+        return p.absolute()
+    return REPO / p
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -386,6 +170,11 @@ def run(args) -> int:
         print(plan_table(runs))
         for note in notes:
             print(note)
+        minutes = estimate_seconds(runs, cfg) / 60
+        print(f"{len(runs)} runs, {sum(r.C for r in runs):.3g} FLOPs: about {minutes:.0f} min "
+              f"at {cfg.launcher.max_parallel} at once (scaling.design.estimate_seconds)"
+              + (f"; widening may add up to {widening_seconds(cfg) / 60:.0f} min"
+                 if cfg.design else ""))
         return 0
     if args.fit_only and args.no_fit:
         raise ValueError("--fit-only and --no-fit exclude each other")
@@ -394,9 +183,11 @@ def run(args) -> int:
         return 0
     rows = run_sweep(cfg)
     done = [row for row in rows if row["status"] == "done"]
-    failed = [row["name"] for row in rows if row["status"] != "done"]
-    print(f"sweep {cfg.name}: {len(done)} of {len(runs)} runs done; results in "
-          f"{Path(cfg.out) / 'results.csv'}" + (f"; failed: {failed}" if failed else ""))
+    failed = [row for row in rows if row["status"] != "done"]
+    print(f"sweep {cfg.name}: {len(done)} of {len(rows)} runs done; results in "
+          f"{Path(cfg.out) / 'results.csv'}")
+    for row in failed:
+        print(f"  failed after {row['attempts']} attempt(s): {row['name']}: {row['error']}")
     if not args.no_fit and done:
         from scaling.report import fit_sweep
 

@@ -49,13 +49,19 @@ def test_every_stage_writes_its_outputs(micro_pipeline):
     rows = list(csv.DictReader(open(run / "sweep" / "results.csv")))
     assert len(rows) == 8 and {r["status"] for r in rows} == {"done"}
     assert {r["E"] for r in rows} == {"1.0", "2.0"}
-    # fit: at least one law fitted, the frontier written
+    # fit: 8 runs identify no law (Krajewski's 7 coefficients on 4 runs of one G were once
+    # fitted and used): each law is skipped with its reason, the optimum uses none
     fit = json.loads((run / "sweep" / "fit" / "fit.json").read_text())
-    assert any("skipped" not in c for c in fit["laws"].values())
-    assert json.loads((run / "sweep" / "fit" / "optimum.json").read_text())["frontier"]
-    # pick: a MoE meeting the rate at the budget; the student is its dense twin
+    assert all(c.get("skipped", "").startswith(f"{law} fits ") and "runs" in c["skipped"]
+               for law, c in fit["laws"].items()), fit["laws"]
+    optimum = json.loads((run / "sweep" / "fit" / "optimum.json").read_text())
+    assert optimum["law"] is None and "no fitted law may be used" in optimum["law_reason"]
+    assert optimum["frontier"] == [] and optimum["measured"]
+    # pick: a MoE meeting the rate at the budget, by the measured rule, which it names;
+    # the student is its dense twin
     pick = json.loads((run / "pick.json").read_text())
     assert pick["pick"]["experts"] > 1 and pick["pick"]["hz"] >= pick["hz"] == 50
+    assert pick["law"] is None and "The measured rule picked" in pick["law_reason"]
     assert pick["budget"] == cfg.teacher.budget
     teacher = yaml.safe_load((run / "teacher.yaml").read_text())
     student = yaml.safe_load((run / "student.model.yaml").read_text())
@@ -90,6 +96,9 @@ def test_report_holds_the_tables_and_plots(micro_pipeline):
     for heading in ("## Summary", "## Stages", "## 1. IsoFLOP", "## 2. The teacher",
                     "## 3. Training", "## 4. Distillation", "## 5. Scores", "## 6. Control"):
         assert heading in text
+    # which law picked the teacher and why it was allowed to (here: none, the measured rule)
+    assert "Which law picked the teacher, and why it was allowed to: no fitted law may be " \
+           "used" in text and "The measured rule picked" in text
     doc = json.loads((report / "summary.json").read_text())
     models = doc["models"]
     assert set(models) == set(MODELS)
@@ -171,7 +180,9 @@ def test_demo_cli_refuses_quick_with_config():
 # ---------------------------------------------------------------------------- the pick
 EPOCH = {"E": 1.82, "A": 482.0, "B": 2085.4, "alpha": 0.3478, "beta": 0.3658}
 KRAJEWSKI = {"a": 18.1, "alpha": 0.115, "b": 30.8, "beta": 0.147, "g": 2.1, "gamma": 0.58,
-             "c": 0.47}
+             "c": 0.47, "E_scope": 2.0}  # fitted, as if, to runs of the sweep's MoE choice
+#: a held-out error: a law without one is never used (issue 21)
+HELD = {"rmse_log": 0.01, "mode": "largest"}
 
 
 def _sweep(**overrides):
@@ -188,7 +199,7 @@ def test_pick_is_the_lowest_predicted_loss_among_moe_members_at_the_rate():
     from scaling.pick import pick, student
 
     cfg = _sweep()
-    fit = {"laws": {"krajewski": KRAJEWSKI}, "held_out": {}}
+    fit = {"laws": {"krajewski": KRAJEWSKI}, "held_out": {"krajewski": HELD}}
     doc = pick(cfg, fit, 4e13, hz=50)
     row = doc["pick"]
     base = load_train_config(cfg.train, cfg.train_overrides)
@@ -216,7 +227,7 @@ def test_pick_errors_say_what_is_wrong():
     from scaling.pick import pick
 
     fit = {"laws": {"chinchilla": EPOCH, "joint": {"skipped": "dense runs only"}},
-           "held_out": {}}
+           "held_out": {"chinchilla": HELD}}
     with pytest.raises(ValueError, match=r"no mixture-of-experts member .* meets 100000 Hz"):
         pick(_sweep(), fit, 4e13, hz=1e5)
     with pytest.raises(ValueError, match=r"law 'joint' was not fitted.*fitted: \['chinchilla'\]"):
@@ -226,9 +237,46 @@ def test_pick_errors_say_what_is_wrong():
     assert pick(_sweep(experts="[{experts: 1}]"), fit, 4e13, moe_only=False)["pick"]["experts"] == 1
 
 
+def test_pick_never_uses_a_law_without_held_out_error_or_with_flags():
+    from scaling.pick import pick
+
+    with pytest.raises(ValueError, match="no fitted law may be used: krajewski: no held-out "
+                                         "error.*--fallback measured"):
+        pick(_sweep(), {"laws": {"krajewski": KRAJEWSKI}, "held_out": {}}, 4e13)
+    flagged = {"laws": {"krajewski": {**KRAJEWSKI, "flags": {"c": "3e-28 is at or past its "
+                                                                "lower bound 0.001"}}},
+               "held_out": {"krajewski": HELD}}
+    with pytest.raises(ValueError, match="krajewski: flagged: c 3e-28"):
+        pick(_sweep(), flagged, 4e13)
+    with pytest.raises(ValueError, match="law 'krajewski' may not be used: flagged"):
+        pick(_sweep(), flagged, 4e13, law="krajewski")
+    # the measured rule instead: the best finished MoE run at the largest budget, named
+    rows = [{"status": "done", "budget": b, "d_model": w, "experts": 4, "k": 1, "G": 2,
+             "loss": loss} for b, w, loss in ((1e12, 64, 4.1), (4e12, 64, 3.2), (4e12, 96, 3.0),
+                                             (4e12, 128, 3.4))]
+    doc = pick(_sweep(), flagged, 4e13, hz=1, fallback="measured", rows=rows)
+    assert doc["law"] is None and doc["pick"]["model"] == "d96-E4k1G2"
+    assert doc["pick"]["measured_loss"] == 3.0 and doc["pick"]["loss"] is None
+    assert "krajewski: flagged" in doc["law_reason"] and "measured rule picked d96" in \
+        doc["law_reason"]
+
+
+def test_pick_ranks_expert_counts_only_by_a_law_with_a_term_for_them():
+    from scaling.pick import pick
+
+    two = _sweep(experts="[{experts: 4, k: 1, G: 2}, {experts: 16, k: 1, G: 2}]")  # E 2, 8
+    fit = {"laws": {"krajewski": KRAJEWSKI}, "held_out": {"krajewski": HELD}}
+    with pytest.raises(ValueError, match="no term for the number of experts and the models "
+                                         "span E = 2, 8"):
+        pick(two, fit, 4e13, hz=50)
+    doc = pick(_sweep(), fit, 4e13, hz=50)  # one expansion rate, the one it was fitted at
+    assert doc["law"] == "krajewski" and "lowest held-out error" in doc["law_reason"]
+
+
 def test_pick_cli_writes_the_training_configs(tmp_path):
     fit = tmp_path / "fit.json"
-    fit.write_text(json.dumps({"laws": {"krajewski": KRAJEWSKI}, "held_out": {}}))
+    fit.write_text(json.dumps({"laws": {"krajewski": KRAJEWSKI},
+                               "held_out": {"krajewski": HELD}}))
     out = subprocess.run([sys.executable, "-m", "moe_gato.cli", "pick", "--sweep",
                           "configs/sweep/tiny.yaml", "--fit", str(fit), "--budget", "4e13",
                           "--out", str(tmp_path / "t.yaml"), "--student-out",

@@ -181,7 +181,9 @@ def test_plans_meet_the_rate_and_grow_with_budget(h100_cands):
 
     budgets = [1e18, 1e19, 1e20, 1e21, 1e22, 1e23]
     for law, coefs in (("chinchilla", EPOCH), ("joint", JOINT)):
-        rows = planner.plans(budgets, "64xH100", hz=20, law=law, coefs=coefs, cands=h100_cands)
+        # a fixed 1M-token batch (the rule's is checked below): the arithmetic by hand
+        rows = planner.plans(budgets, "64xH100", hz=20, law=law, coefs=coefs, cands=h100_cands,
+                             global_batch=1024)
         chosen = [r["chosen"] for r in rows]
         assert all(c is not None and c["hz"] >= 20 for c in chosen)
         dn = [c["D"] * c["N_active"] for c in chosen]
@@ -287,3 +289,112 @@ def test_import_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------- the law, MFU, batch, data (issue 21)
+HELD = {"rmse_log": 0.01, "mode": "largest"}
+
+
+def test_expert_counts_are_ranked_only_by_a_law_with_a_term_for_them(h100_cands):
+    """A fit whose usable law has no term for E (Krajewski's, fitted at E = 4) plans among
+    the members of that rate only; it used to rank E = 16-32 MoEs by it."""
+    krajewski = {"a": 18.1, "alpha": 0.115, "b": 30.8, "beta": 0.147, "g": 2.1, "gamma": 0.58,
+                 "c": 0.47, "E_scope": 4.0}
+    doc = {"laws": {"krajewski": krajewski, "joint": {**JOINT, "flags": {"c": "at a bound"}}},
+           "held_out": {"krajewski": HELD, "joint": HELD}}
+    rows = planner.plans([1e19, 1e21], "64xH100", hz=20, fit_doc=doc, cands=h100_cands)
+    assert {r["chosen"]["E"] for r in rows} == {4.0}
+    assert "of E = 4" in rows[0]["candidates"] and rows[0]["law"] == "krajewski"
+    doc["laws"]["joint"].pop("flags")  # usable now: the law with a term for E is preferred
+    rows = planner.plans([1e21], "64xH100", hz=20, fit_doc=doc, cands=h100_cands)
+    assert rows[0]["law"] == "joint"
+
+
+@pytest.mark.parametrize("doc, words", [
+    ({"laws": {"joint": JOINT}, "held_out": {}}, "joint: no held-out error"),
+    ({"laws": {"joint": {**JOINT, "flags": {"c": "0 is at or past its lower bound"}}},
+      "held_out": {"joint": HELD}}, "joint: flagged: c 0 is at or past")])
+def test_a_law_without_held_out_error_or_with_flags_is_never_used(doc, words, h100_cands):
+    with pytest.raises(ValueError, match=words):
+        planner.plan(1e21, "64xH100", hz=20, fit_doc=doc, cands=h100_cands)
+    with pytest.raises(ValueError, match="may not be used"):
+        planner.plan(1e21, "64xH100", hz=20, fit_doc=doc, law="joint", cands=h100_cands)
+
+
+def test_mfu_by_size_from_our_measurements():
+    from scaling.mfu import DEFAULT_MFU, mfu_for
+
+    mfu, source = mfu_for("H100", 2.22e6)
+    assert mfu == 0.0014 and source.startswith("measured") and "RESULTS.md" in source
+    assert mfu_for("H100", 3e6)[0] == 0.0014  # within 2x of the measured size
+    mfu, source = mfu_for("H100", 1e9)
+    assert mfu == DEFAULT_MFU and source.startswith("assumed")
+    assert mfu_for("cpu", 2.0e6)[0] == pytest.approx(0.348)
+    assert mfu_for("H200", 2.22e6)[0] == DEFAULT_MFU  # nothing measured on an H200
+    # a plan of a tiny model on one H100 times it at the MFU measured at that size
+    tiny = [c for c in planner.build_candidates(parse_hardware("1xH100"), widths=[128],
+                                                experts=[_choice(1)])]
+    r = planner.plan(3e13, "1xH100", hz=1, law="chinchilla", coefs=EPOCH, cands=tiny,
+                     global_batch=8)
+    c = r["chosen"]
+    assert r["mfu"] == 0.0014 and r["mfu_source"].startswith("measured")
+    assert r["time"]["compute_s_per_step"] == pytest.approx(
+        8 * 1024 * c["flops_per_token"] / (989e12 * 0.0014))
+
+
+def _choice(experts, k=1, G=1):
+    from scaling.family import ExpertChoice
+
+    return ExpertChoice(experts=experts, k=k, G=G)
+
+
+def test_the_global_batch_follows_the_rule_and_repeated_data_is_noted(h100_cands):
+    from scaling.hyper import HyperRule
+
+    budgets = [1e19, 1e21, 1e23]
+    rows = planner.plans(budgets, "64xH100", hz=20, cands=h100_cands)
+    batches = [r["global_batch"] for r in rows]
+    assert batches == [HyperRule().batch_sequences(b, 1024, multiple_of=64) for b in budgets]
+    assert batches == sorted(batches) and len(set(batches)) == 3
+    assert all(b % 64 == 0 and r["batch_source"] == "rule" for b, r in zip(batches, rows,
+                                                                          strict=True))
+    for r in rows:
+        c = r["chosen"]
+        assert c["steps"] == math.ceil(c["D"] / (r["global_batch"] * 1024))
+        # D is far past the default suite's 12.6M unique tokens: said, with the epochs
+        assert any(f"{c['D'] / 12.6e6:.3g} epochs" in n for n in r["notes"]), r["notes"]
+    quiet = planner.plan(1e19, "64xH100", hz=20, cands=h100_cands, data_tokens=None)
+    assert not any("epochs" in n for n in quiet["notes"])
+    assert "epochs of the" not in planner.markdown([quiet])
+    assert "epochs of the" in planner.markdown(rows)
+
+
+def test_a_law_fitted_on_non_embedding_parameters_predicts_from_them(h100_cands):
+    import numpy as np
+
+    from scaling.laws import predict
+    from scaling.optimum import predicted_losses
+
+    cands = h100_cands[:6]
+    got = predicted_losses("joint", {**JOINT, "n_column": "N_active_nonemb"}, 1e20, cands)
+    want = predict("joint", JOINT, N=[c.N_active_nonemb for c in cands],
+                   D=[1e20 / c.flops_per_token for c in cands],
+                   E=[c.experts.expansion for c in cands])
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert all(c.N_active_nonemb < c.N_active for c in cands)
+    assert (got > predicted_losses("joint", JOINT, 1e20, cands)).all()
+
+
+def test_the_optimum_uses_only_an_allowed_law_on_the_models_it_may_rank(h100_cands):
+    from scaling.optimum import allowed_law
+
+    doc = {"laws": {"chinchilla": {**EPOCH, "E_scope": 1.0}, "joint": {"skipped": "2 levels"}},
+           "held_out": {"chinchilla": HELD}}
+    law, why, cands = allowed_law(doc, h100_cands)
+    assert law == "chinchilla" and cands and all(c.experts.dense for c in cands)
+    assert "only the models of E = 1" in why
+    doc["held_out"] = {}
+    assert allowed_law(doc, h100_cands)[0] is None
+    doc = {"laws": {"joint": JOINT}, "held_out": {"joint": HELD}}
+    law, _, cands = allowed_law(doc, h100_cands)
+    assert law == "joint" and len(cands) == len(h100_cands)

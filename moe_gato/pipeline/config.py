@@ -27,8 +27,13 @@ class TeacherStage:
     context: int | None = None
     #: pick among the mixture-of-experts members only (false: dense ones too)
     moe_only: bool = True
+    #: when no fitted law may be used (too few runs, a coefficient at a bound, no held-out
+    #: error): ``measured`` picks the sweep's best measured run, ``none`` stops the pipeline
+    fallback: str = "measured"
 
     def __post_init__(self) -> None:
+        if self.fallback not in ("none", "measured"):
+            raise ValueError(f"teacher.fallback must be none or measured, got {self.fallback!r}")
         if not (self.budget > 0 and math.isfinite(self.budget)):
             raise ValueError(f"teacher.budget must be a finite number of FLOPs > 0, "
                              f"got {self.budget}")

@@ -94,14 +94,13 @@ def run_sweep(p: Paths) -> None:
 
     rows = sweep(p.sweep_config())
     done = [r for r in rows if r["status"] == "done"]
-    failed = [r["name"] for r in rows if r["status"] != "done"]
+    failed = [f"{r['name']}: {r['error']}" for r in rows if r["status"] != "done"]
     if failed:
-        print(f"sweep: {len(failed)} run(s) failed after their attempts: {failed} "
-              f"(logs under {p.sweep}/runs/<name>/launcher.log); the fit uses the "
-              f"{len(done)} finished", flush=True)
+        print(f"sweep: {len(failed)} run(s) failed after their attempts; the fit uses the "
+              f"{len(done)} finished:\n  " + "\n  ".join(failed), flush=True)
     if len(done) < 3:
-        raise RuntimeError(f"only {len(done)} sweep run(s) finished; a law needs more "
-                           f"(see {p.sweep}/results.csv)")
+        raise RuntimeError(f"only {len(done)} sweep run(s) finished; a law needs more (see "
+                           f"{p.sweep}/results.csv). The failed runs:\n  " + "\n  ".join(failed))
 
 
 def run_fit(p: Paths) -> None:
@@ -116,7 +115,7 @@ def run_pick(p: Paths) -> None:
     t = p.cfg.teacher
     sweep = p.sweep_config()
     doc = pick(sweep, json.loads((p.fit / "fit.json").read_text()), t.budget, hz=t.hz,
-               context=t.context, moe_only=t.moe_only)
+               context=t.context, moe_only=t.moe_only, fallback=t.fallback)
     write_train(doc["train"], p.teacher_yaml)
     write_train(student(sweep, doc, p.cfg.student.tokens), p.student_yaml)
     write_json(p.pick, doc)
@@ -196,9 +195,9 @@ def run_latency(p: Paths) -> None:
 
 
 def run_report(p: Paths) -> None:
-    from moe_gato.report import write_report
+    from moe_gato.report.report import write_report
 
-    write_report(p.out, p.report)
+    write_report(p.out, p.report, commands=stage_commands(p), sweep=p.sweep_config())
 
 
 def _eval_command(p: Paths) -> list[list[str]]:
@@ -224,6 +223,7 @@ def _pick_command(p: Paths) -> list[list[str]]:
     parts += ["--hz", t.hz] if t.hz else []
     parts += ["--context", t.context] if t.context else []
     parts += [] if t.moe_only else ["--any"]
+    parts += ["--fallback", t.fallback]
     return _cmd(*parts, *p.sweep_overrides())
 
 
@@ -270,6 +270,11 @@ STAGES = (
           lambda p: [p.report / "report.md"], needs=("fit", "pick", "eval", "latency")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def stage_commands(p: Paths) -> dict[str, list[str]]:
+    """The ``moe-gato`` command line(s) that rerun each stage alone, in order."""
+    return {s.name: [shlex.join(c) for c in s.command(p)] for s in STAGES}
 
 
 # ---------------------------------------------------------------------------- runner

@@ -61,7 +61,7 @@ def draw_isoflop(ax, doc: dict, family: str) -> None:
         at = sorted((r for r in rows if r["budget"] == budget), key=lambda r: r["N_active"])
         ax.plot([r["N_active"] for r in at], [r["loss"] for r in at], "o", color=colour,
                 label=f"C = {budget:.1e}")
-        if law:
+        if law and fit.get("n_column", "N_active") == "N_active":  # the x axis' N
             N = np.geomspace(n_lo, n_hi, 60)
             C = float(np.mean([r["C"] for r in at]))
             L = predict(law, fit["laws"][law], N=N, D=C / (k * N), E=np.full_like(N, E),

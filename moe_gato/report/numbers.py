@@ -117,17 +117,15 @@ def retained(scratch, student, teacher, *, lower_is_better: bool) -> float | Non
     return float(kept / gain)
 
 
-def family_latency(cfg: dict, pick: dict, max_heads: int = 16) -> list[dict]:
+def family_latency(sweep, pick: dict, max_heads: int = 16) -> list[dict]:
     """The latency model's predicted control rate for the sweep family's dense members and
     its members with the pick's expert choice, widths up to ``max_heads`` heads, at the
-    pick's context, device and observation shape."""
+    pick's context, device and observation shape (``sweep``: the sweep's config)."""
     from moe_gato.config import to_dict
     from moe_gato.train import load_train_config
     from scaling.family import ExpertChoice
     from scaling.optimum import candidates
-    from scaling.sweep import load_sweep_config
 
-    sweep = load_sweep_config(cfg["sweep"], cfg.get("sweep_overrides", []))
     base = load_train_config(sweep.train, sweep.train_overrides)
     row = pick["pick"]
     head = sweep.family.head_dim
