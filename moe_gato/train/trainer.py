@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from moe_gato.config import save_config, to_dict
+from moe_gato.data.mixture import upgrade_saved_mixture
 from moe_gato.model import build_model
 from moe_gato.model.model import target_weights
 from moe_gato.model.config import upgrade_saved
@@ -72,7 +73,8 @@ def _flatten(d, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and key not in ("data.tasks", "deepspeed.extra"):
+        if isinstance(v, dict) and v and key not in ("data.tasks", "data.train_episodes",
+                                                     "deepspeed.extra"):
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v
@@ -221,6 +223,8 @@ class Trainer:
                              f"to start over (the old run is moved aside)")
         if isinstance(saved.get("model"), dict):
             saved["model"] = upgrade_saved(saved["model"])
+        if isinstance(saved.get("data"), dict):
+            saved["data"] = upgrade_saved_mixture(saved["data"])
         changes = config_changes(saved, self.cfg)
         refused = {k: v for k, v in changes.items() if k not in CHANGEABLE_ON_RESUME}
         if refused:
@@ -410,7 +414,7 @@ class Trainer:
             if not len(split_rows(len(self.loader.data[task]), self.cfg.data.validation_fraction,
                                   "validation")):
                 continue  # a task with a single row has no validation split
-            cfg = dataclasses.replace(self.cfg.data, tasks={task: 1.0})
+            cfg = dataclasses.replace(self.cfg.data, tasks={task: 1.0}, train_episodes={})
             loader = SequenceLoader(cfg, split="validation", seed=12345, data_dir=self.data_dir,
                                     tokenizer=self.loader.tok)
             seqs = [loader.sequence(i) for i in range(self.cfg.eval_sequences)]
