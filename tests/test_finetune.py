@@ -274,6 +274,9 @@ def test_bad_inputs_are_refused_with_their_message(pretrained, ft_suite, tmp_pat
         _run(pretrained, ft_suite, out, mode="lora")
     with pytest.raises(ValueError, match=r"replay must lie in \[0, 1\), got 1.0"):
         _run(pretrained, ft_suite, out, replay=1.0)
+    with pytest.raises(ValueError, match="expert_parallel_size > 1: new-expert runs in one "
+                                         "process or under DeepSpeed"):
+        _run(pretrained, ft_suite, out, mode="new-expert", overrides=["expert_parallel_size=2"])
     # a checkpoint of another vocabulary than the data's tokenizer
     other = load_train_config(write_config(tmp_path, ft_suite), ["model.text_vocab_size=32000"])
     write_checksums(save_checkpoint(build_model(other.model), tmp_path / "vocab32k"))

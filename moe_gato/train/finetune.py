@@ -176,6 +176,10 @@ def finetune(*, checkpoint: str | Path, tasks: list[str], out: str | Path,
         raise ValueError(f"{base} does not exist: a checkpoint folder without its training "
                          f"config needs --config (optimizer, batch, mixture options)")
     cfg = finetune_config(ft, model_cfg, data, base=base, overrides=overrides)
+    if cfg.expert_parallel_size > 1 and ft.mode == "new-expert":
+        raise ValueError("expert_parallel_size > 1: new-expert runs in one process or under "
+                         "DeepSpeed (deepspeed.enabled=true); sharding re-creates the expert "
+                         "weights it must keep frozen")
     settings = {"checkpoint": str(folder.resolve()), "mode": ft.mode, "tasks": ft.tasks,
                 "episodes": ft.episodes, "replay": ft.replay}
     saved = out / SETTINGS_FILE
