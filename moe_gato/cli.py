@@ -7,6 +7,8 @@
     moe-gato collect --suite default --out data/
     moe-gato targets --config configs/data/recipe.yaml --data data loss_weighting=sequence
     moe-gato train --config configs/train/tiny-moe.yaml --data data --out runs/tiny-moe
+    moe-gato finetune --checkpoint runs/demo/teacher --data data --tasks babyai/BabyAI-GoToObj-v0 \\
+        --episodes 16 --mode new-expert --steps 200 --out runs/ft/gotoobj
     moe-gato eval --checkpoint runs/demo/teacher --tasks default --episodes 20 --out runs/demo/eval-all
     moe-gato sweep --config configs/sweep/tiny.yaml
     moe-gato fit --results runs/sweep/tiny/results.csv --out runs/sweep/tiny/fit
@@ -40,6 +42,9 @@ SUBCOMMANDS = {
               "train MoE-Gato (or its dense twin) on a collected suite"),
     "distill": ("moe_gato.train.distill", "add_arguments", "run",
                 "distill a MoE teacher into a dense student (soft targets + hard labels)"),
+    "finetune": ("moe_gato.train.finetune", "add_arguments", "run",
+                 "fine-tune a checkpoint on a task's demonstrations (full, experts, "
+                 "new-expert, scratch)"),
     "eval": ("moe_gato.eval.cli", "add_arguments", "run",
              "roll a checkpoint out in the real environments and score it"),
     "bench-latency": ("moe_gato.eval.latency", "add_arguments", "run",

@@ -105,13 +105,21 @@ class SequenceLoader:
             raise storage.DataError(f"task(s) {missing} are not in {root}/manifest.json; "
                                     f"collected: {sorted(known)}")
         held = [t for t in cfg.tasks if known[t].get("held_out")]
-        if held and not allow_held_out:
+        if held and not (allow_held_out or cfg.allow_held_out):
             raise ValueError(f"tasks: {held} are held out (never trained on); remove them from "
-                             f"the mixture or pass allow_held_out=True for evaluation")
+                             f"the mixture, or set data.allow_held_out=true to train on them")
         self.names = list(cfg.tasks)
         self.data = {t: storage.TaskData(storage.task_dir(root, t)) for t in self.names}
         self.rows = {t: split_rows(len(d), cfg.validation_fraction, split)
                      for t, d in self.data.items()}
+        if split == "train":
+            for t, n in cfg.train_episodes.items():
+                if n > len(self.rows[t]):
+                    raise ValueError(f"train_episodes.{t}: {n} episodes asked for, the training "
+                                     f"split of {root}/{t} holds {len(self.rows[t])} (of "
+                                     f"{len(self.data[t])} rows; the last "
+                                     f"{len(self.data[t]) - len(self.rows[t])} validate)")
+                self.rows[t] = self.rows[t][:n]
         empty = [t for t, r in self.rows.items() if len(r) == 0]
         if empty:
             raise ValueError(f"tasks {empty} have no rows in split {split!r}")

@@ -14,6 +14,11 @@ targets one unit in all, so the mixture weights are the tasks' shares of the gra
 ``mission_targets`` decides whether a text observation of a control episode (BabyAI's
 mission, repeated at every timestep) is a target at every timestep (Gato), only at the
 episode's first, or never. ``moe-gato targets`` counts the shares a mixture gives.
+
+Fine-tuning (``moe-gato finetune``) trains on a few demonstrations of a task, often a
+held-out one: ``train_episodes`` keeps only the first N rows of a task's training split
+(its validation split is unchanged), and ``allow_held_out`` lets held-out tasks into the
+mixture, which is refused otherwise.
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ class MixtureConfig:
     #: timesteps (Gato), only at the episode's "first", or at "none"
     mission_targets: Literal["all", "first", "none"] = "all"
     tasks: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: at most this many training rows (episodes) of a task: the first ones of its split
+    train_episodes: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: held-out tasks may be in ``tasks`` (fine-tuning on them on purpose)
+    allow_held_out: bool = False
 
     def __post_init__(self) -> None:
         if self.context_len < 2:
@@ -67,6 +76,12 @@ class MixtureConfig:
         for name, weight in self.tasks.items():
             if not (math.isfinite(weight) and weight > 0):
                 raise ValueError(f"tasks.{name}: weight must be a finite number > 0, got {weight}")
+        for name, n in self.train_episodes.items():
+            if name not in self.tasks:
+                raise ValueError(f"train_episodes.{name}: not a task of the mixture; tasks are "
+                                 f"{list(self.tasks)}")
+            if n < 1:
+                raise ValueError(f"train_episodes.{name} must be >= 1, got {n}")
 
 
 def load_mixture(path: str, overrides: list[str] | tuple[str, ...] = ()) -> MixtureConfig:

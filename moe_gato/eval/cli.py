@@ -3,6 +3,8 @@
     moe-gato eval --checkpoint runs/demo/teacher --tasks default --episodes 20 --out runs/demo/eval-all
     moe-gato eval --checkpoint runs/demo/teacher/checkpoints/step_00000500 \\
         --tasks classic/CartPole-v1,babyai/BabyAI-GoToRedBall-v0 --episodes 50 --prompt
+    moe-gato eval --checkpoint runs/demo/teacher --tasks classic/CartPole-v1 --out runs/p4 \\
+        --prompt --prompt-demos 4 --prompt-share 0.5
 
 Writes ``OUT/eval.json``, ``OUT/eval.md`` (a table) and ``OUT/eval.png``; running the same
 command again keeps the tasks already finished.
@@ -33,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="0 (default): greedy actions; > 0 samples")
     p.add_argument("--prompt", action="store_true",
                    help="prefix a successful expert demonstration of the task (Gato's eval)")
+    p.add_argument("--prompt-demos", type=int, default=d.prompt_demos,
+                   help="demonstrations in the prompt, sharing its part of the context "
+                        f"(default {d.prompt_demos}; with --prompt)")
     p.add_argument("--prompt-share", type=float, default=d.prompt_share,
                    help=f"largest share of the context the prompt may take (default {d.prompt_share})")
     p.add_argument("--max-steps", type=int, default=None,
@@ -55,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--out must name a folder")
     cfg = EvalConfig(episodes=args.episodes, batch_size=args.batch_size,
                      temperature=args.temperature, prompt=args.prompt,
-                     prompt_share=args.prompt_share, max_steps=args.max_steps, seed=args.seed,
-                     device=args.device, threads=args.threads)
+                     prompt_demos=args.prompt_demos, prompt_share=args.prompt_share,
+                     max_steps=args.max_steps, seed=args.seed, device=args.device,
+                     threads=args.threads)
     doc = evaluate(args.checkpoint, data_dir=args.data, out=args.out, tasks=args.tasks, cfg=cfg,
                    progress=not args.no_progress)
     print(markdown(doc))

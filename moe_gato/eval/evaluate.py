@@ -43,6 +43,9 @@ class EvalConfig:
     batch_size: int = 20              # environments of one task stepped together
     temperature: float = 0.0          # 0: greedy actions
     prompt: bool = False              # prefix a successful stored expert demonstration
+    #: demonstrations in the prompt (with ``prompt``): the best-returning ones of the
+    #: training split, sharing ``prompt_share`` of the context (``Policy.reset``)
+    prompt_demos: int = 1
     prompt_share: float = 0.25        # of the context, at most
     max_steps: int | None = None      # cap on an episode's steps (None: the task's own)
     seed: int = 900_000_000           # first rollout seed
@@ -56,7 +59,8 @@ class EvalConfig:
     threads: int = 1
 
     def __post_init__(self) -> None:
-        for field in ("episodes", "batch_size", "caption_rows", "text_documents", "threads"):
+        for field in ("episodes", "batch_size", "caption_rows", "text_documents", "threads",
+                      "prompt_demos"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
         if self.temperature < 0 or not math.isfinite(self.temperature):
@@ -67,6 +71,9 @@ class EvalConfig:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.prompt_demos > 1 and not self.prompt:
+            raise ValueError(f"prompt_demos ({self.prompt_demos}) counts the demonstrations of "
+                             f"a prompt; set prompt (--prompt) as well")
 
     def settings(self) -> dict:
         """What makes a stored task result reusable (device and batching change no result
@@ -158,7 +165,7 @@ def evaluate_control(policy, spec: TaskSpec, data: storage.TaskData, cfg: EvalCo
     if cfg.max_steps is not None:
         for env in envs:
             env.max_steps = min(env.max_steps, cfg.max_steps)
-    prompt = _prompt_episode(data, cfg) if cfg.prompt else None
+    prompt = _prompt_episodes(data, cfg) if cfg.prompt else None
     actor = PolicyActor(policy, prompt=prompt)
     episodes = []
     try:
@@ -174,8 +181,11 @@ def evaluate_control(policy, spec: TaskSpec, data: storage.TaskData, cfg: EvalCo
                          expert=meta["expert_return"], random=meta["random_return"],
                          held_out=spec.held_out, domain=spec.domain,
                          lengths=[len(e) for e in episodes])
+    # a prompt of which not even one timestep fits the context is left out by the policy
+    used = policy.prompt if prompt is not None else None
     result.update(seeds=[seeds[0], seeds[-1]], prompted=prompt is not None,
-                  max_steps=envs[0].max_steps)
+                  prompt_demos=len(prompt) if prompt else 0,
+                  prompt_tokens=0 if used is None else len(used), max_steps=envs[0].max_steps)
     return result
 
 
@@ -188,13 +198,17 @@ def _check_disjoint(seeds: list[int], meta: dict, name: str) -> None:
                          f"another --seed")
 
 
-def _prompt_episode(data: storage.TaskData, cfg: EvalConfig):
-    """The best-returning successful (or else best) expert episode of the training split."""
+def _prompt_episodes(data: storage.TaskData, cfg: EvalConfig) -> list:
+    """The ``prompt_demos`` best-returning expert episodes of the training split, the
+    successful ones first, the best last (nearest the episode it prompts)."""
     rows = split_rows(len(data), cfg.validation_fraction, "train")
+    if len(rows) < cfg.prompt_demos:
+        raise ValueError(f"{data.name}: {cfg.prompt_demos} prompt demonstrations asked for, "
+                         f"the training split holds {len(rows)} episodes")
     returns = np.asarray(data.ds.select(rows)["return"], np.float64)
     success = np.asarray(data.ds.select(rows)["success"], bool)
     order = np.argsort(-(returns + np.where(success, 1e12, 0.0)), kind="stable")
-    return data.episode(rows[int(order[0])])
+    return [data.episode(rows[int(i)]) for i in order[:cfg.prompt_demos][::-1]]
 
 
 # ----------------------------------------------------------------- captions, text

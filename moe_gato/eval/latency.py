@@ -269,9 +269,10 @@ def step_features(cfg, shape: str = "metaworld", context: int | None = None) -> 
             for g, n_g in groups.items():
                 E = cfg.moe.num_experts_of(g)
                 touched = E * (1 - (1 - K / E) ** n_g)  # expected, uniform routing
-                shared = 2 * D * Fe * cfg.moe.shared_expert
-                weights += moe_layers * (touched * 2 * D * Fe + shared + E * D)
-                flops += moe_layers * 2 * n_g * (K * 2 * D * Fe + shared + E * D)
+                A = cfg.moe.added_experts  # routed on top of the K: counted as taken
+                shared = 2 * D * Fe * (cfg.moe.shared_expert + A)
+                weights += moe_layers * (touched * 2 * D * Fe + shared + (E + A) * D)
+                flops += moe_layers * 2 * n_g * (K * 2 * D * Fe + shared + (E + A) * D)
         out["layer_calls"] += L
         out["moe_layer_calls"] += moe_layers
         out["bytes"] += 4 * (weights + 2 * L * (S + n) * D)  # fp32 weights + KV read

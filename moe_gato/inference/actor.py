@@ -13,17 +13,19 @@ from moe_gato.inference.policy import Policy
 
 
 class PolicyActor:
-    """Drives the episode loop with ``policy``. ``prompt``: an episode (or a function of the
-    episode's seed returning one, or None) prefixed as a demonstration at every reset."""
+    """Drives the episode loop with ``policy``. ``prompt``: an episode or a list of them (or
+    a function of the episode's seed returning one, a list or None) prefixed as
+    demonstrations at every reset."""
 
     wants_fields = True
 
     def __init__(self, policy: Policy,
-                 prompt: Episode | Callable[[int], Episode | None] | None = None) -> None:
+                 prompt: Episode | list[Episode] | Callable[[int], Episode | list[Episode] | None]
+                 | None = None) -> None:
         self.policy = policy
         self.prompt = prompt
 
-    def _prompt(self, seed: int) -> Episode | None:
+    def _prompt(self, seed: int) -> Episode | list[Episode] | None:
         return self.prompt(seed) if callable(self.prompt) else self.prompt
 
     def reset(self, task: ControlTask, seed: int) -> None:

@@ -47,6 +47,11 @@ from moe_gato.tokenizer.pack import timestep_starts
 PROMPT_TAG = -2
 
 
+class PromptTooLong(ValueError):
+    """Several demonstrations asked of a prompt whose share of the context cannot hold a
+    timestep of each."""
+
+
 class Policy:
     """A trained model as a controller for the environments of ``moe_gato.envs``."""
 
@@ -97,11 +102,13 @@ class Policy:
 
     # ------------------------------------------------------------------ episodes
     def reset(self, task: TaskInfo | Any, *, batch_size: int = 1,
-              prompt: Episode | None = None, seed: int | None = None) -> None:
+              prompt: Episode | Sequence[Episode] | None = None, seed: int | None = None) -> None:
         """Starts new episodes of ``task`` (a ``TaskInfo``, or a ``ControlTask``) in
         ``batch_size`` environments. ``prompt``: a demonstration of the task (e.g. a
         successful stored expert episode); its last whole timesteps that fit in
-        ``prompt_share`` of the context go first, as in Gato's evaluation."""
+        ``prompt_share`` of the context go first, as in Gato's evaluation. Several
+        demonstrations share that part of the context equally, each its last whole
+        timesteps, in the order given (see ``_prompt``)."""
         info = task if isinstance(task, TaskInfo) else getattr(task, "info", None)
         if not isinstance(info, TaskInfo):
             raise ValueError(f"task must be a TaskInfo or a ControlTask, got {type(task).__name__}")
@@ -118,7 +125,9 @@ class Policy:
         self.pending: torch.Tensor | None = None  # (B,) last action token, not yet fed
         self.generator = torch.Generator(device=self.device).manual_seed(
             self.seed if seed is None else int(seed))
-        self.prompt = self._prompt(prompt) if prompt is not None else None
+        if isinstance(prompt, Episode):
+            prompt = [prompt]
+        self.prompt = self._prompt(list(prompt)) if prompt else None
         # recompute mode: each row's token history; cache mode: the KV cache
         self.history = [[] for _ in self.rows]
         # evicted slots stay (masked) until the buffer fills and the live ones are compacted:
@@ -172,12 +181,32 @@ class Policy:
         seq.timestep[:] = self.t
         return seq
 
-    def _prompt(self, episode: Episode) -> TokenSequence | None:
-        """The demonstration's last whole timesteps within ``prompt_share`` of the context."""
-        seq = self.tok.tokenize_episode(episode.observations, episode.actions,
-                                        action_kind=self.task.action_kind, spec=self.spec)
-        # None when not even one timestep fits: no prompt
-        return _newest_timesteps(seq, int(self.prompt_share * self.context_length))
+    def _prompt(self, episodes: list[Episode]) -> TokenSequence | None:
+        """The demonstrations' last whole timesteps, each within an equal part of
+        ``prompt_share`` of the context, one after the other; each one's timesteps are
+        numbered on from the previous one's. One demonstration of which not even a timestep
+        fits gives no prompt (Gato's evaluation prompts where it can); of several, it is an
+        error that says how many fit."""
+        budget = int(self.prompt_share * self.context_length)
+        parts, next_step = [], None
+        for episode in episodes:
+            seq = self.tok.tokenize_episode(episode.observations, episode.actions,
+                                            action_kind=self.task.action_kind, spec=self.spec)
+            part = _newest_timesteps(seq, budget // len(episodes))
+            if part is None:
+                if len(episodes) == 1:
+                    return None
+                step = int(np.diff(np.append(timestep_starts(seq), len(seq))).max())
+                raise PromptTooLong(
+                    f"{self.task.name}: {len(episodes)} demonstrations do not fit the prompt: "
+                    f"each gets {budget // len(episodes)} positions ({self.prompt_share} of the "
+                    f"context of {self.context_length}, shared), a timestep takes up to {step}; "
+                    f"at most {max(budget // step, 0)} fit (or raise the prompt share)")
+            if next_step is not None:  # number on, so that demonstrations never merge
+                part.timestep = part.timestep - part.timestep[0] + next_step
+            next_step = int(part.timestep[-1]) + 1
+            parts.append(part)
+        return TokenSequence.concat(parts)
 
     def _keep_rows(self, rows: list[int]) -> None:
         index = {r: i for i, r in enumerate(self.rows)}

@@ -8,7 +8,9 @@ Conventions
   experts) of other groups and the K-of-E experts a token does not pick. A token of group
   g uses g's router, K = top_k * granularity experts and g's shared expert. Averaged over a
   batch's modality mix with ``kinds`` (a tensor of ``Kind`` values or {kind: fraction});
-  without it, the plain mean over groups.
+  without it, the plain mean over groups. Added experts (``moe.added_experts``, routed on
+  top of the K) count as active: a token reaches at most K + added experts, and these
+  numbers bound the latency.
 - Forward FLOPs per token: 2 x active matmul weights (attention, FFN/experts, router,
   output head) + attention 4 x context x D per layer (scores and values over the full
   context, Chinchilla's convention) + for image tokens the patch block's convolutions.
@@ -51,6 +53,7 @@ def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
         out[f"moe.{g}.router"] = moe_layers * E * D
         out[f"moe.{g}.experts"] = moe_layers * E * 2 * D * Fe
         out[f"moe.{g}.shared"] = moe_layers * 2 * D * Fe * cfg.moe.shared_expert
+        out[f"moe.{g}.added"] = moe_layers * cfg.moe.added_experts * (D + 1 + 2 * D * Fe)
     return out
 
 
@@ -85,10 +88,12 @@ def _group_fractions(cfg: ModelConfig, kinds) -> dict[str, float]:
 
 
 def _active_moe_params(cfg: ModelConfig, group: str) -> int:
-    """Per-token active router + experts + shared parameters of ``group`` over all layers."""
+    """Per-token active router + experts + shared + added parameters of ``group`` over all
+    layers."""
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
     E, K, Fe, D = cfg.moe.num_experts_of(group), cfg.moe.experts_per_token, cfg.expert_hidden, cfg.d_model
-    return moe_layers * (E * D + (K + cfg.moe.shared_expert) * 2 * D * Fe)
+    A = cfg.moe.added_experts
+    return moe_layers * ((E + A) * D + A + (K + cfg.moe.shared_expert + A) * 2 * D * Fe)
 
 
 def num_active_params(cfg: ModelConfig, *, group: str | None = None, kinds=None,
@@ -141,7 +146,7 @@ def activation_bytes(cfg: ModelConfig, *, seq_len: int | None = None, batch: int
         per_token += 2 * 6 * D  # norm in/out, q, k, v, attention output
         if cfg.is_moe_layer(i):
             K, Fe, E = cfg.moe.experts_per_token, cfg.expert_hidden, cfg.moe.num_experts
-            shared = cfg.moe.shared_expert
+            shared = cfg.moe.shared_expert + cfg.moe.added_experts
             per_token += 2 * (2 * D + 2 * K * D + 2 * (K + shared) * Fe) + 4 * 2 * E
         else:
             per_token += 2 * (2 * D + 2 * cfg.ffn_hidden)

@@ -94,7 +94,7 @@ def load_checkpoint(directory: str | Path, *, map_location: str | torch.device =
                           f"unverified", stacklevel=2)
         elif problem := checksum_problem(directory, [WEIGHTS, CONFIG]):
             raise ValueError(f"checkpoint {directory}: {problem}")
-    cfg = from_dict(ModelConfig, upgrade_saved(load_yaml(directory / CONFIG)))
+    cfg = load_model_config(directory)
     try:
         state = load_file(str(directory / WEIGHTS), device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as exc:
@@ -106,6 +106,11 @@ def load_checkpoint(directory: str | Path, *, map_location: str | torch.device =
         raise ValueError(f"checkpoint {directory} does not match its config: {problem}")
     model.load_state_dict(state)
     return model.to(map_location)
+
+
+def load_model_config(directory: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` of the checkpoint in ``directory`` (its weights are not read)."""
+    return from_dict(ModelConfig, upgrade_saved(load_yaml(Path(directory) / CONFIG)))
 
 
 def state_mismatch(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], *,

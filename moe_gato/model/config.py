@@ -19,6 +19,12 @@ Fine-grained experts. With granularity ``G`` each expert's hidden size is
 ``ffn_hidden // G`` and a token picks ``top_k * G`` experts, so active FFN FLOPs equal
 ``top_k`` dense FFNs whatever ``G`` is. ``num_experts`` counts the (fine-grained)
 experts that exist per group.
+
+Added experts. ``added_experts`` more experts per group, appended after pretraining by
+``moe-gato finetune --mode new-expert`` (``moe_gato.train.finetune``): each has its own
+router row and bias and is routed *in addition to* the top-K (``moe_gato.model.moe``), so
+that a checkpoint with a zero-initialised added expert computes exactly what it did
+without it. A group then holds ``num_experts_of(g) + added_experts`` experts.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ class MoEConfig:
     groups: dict[str, list[str]] = dataclasses.field(default_factory=_default_groups)
     num_experts: int = 8                  # experts per group (fine-grained count)
     experts_per_group: dict[str, int] = dataclasses.field(default_factory=dict)  # overrides
+    #: experts appended to every group after pretraining (see the module docstring)
+    added_experts: int = 0
     top_k: int = 1                        # dense-FFN equivalents per token; picks top_k * G
     granularity: int = 1                  # G: expert hidden = ffn_hidden // G
     shared_expert: bool = False           # one always-on expert (hidden ffn_hidden // G) per group
@@ -93,6 +101,8 @@ class MoEConfig:
         for field in ("num_experts", "top_k", "granularity", "moe_every"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.added_experts < 0:
+            raise ValueError(f"added_experts must be >= 0, got {self.added_experts}")
         for name in self.groups:
             if self.top_k * self.granularity > self.num_experts_of(name):
                 raise ValueError(
@@ -112,13 +122,16 @@ class MoEConfig:
             raise ValueError(f"impl must be 'torch' or 'triton', got {self.impl!r}")
         if self.dispatch not in ("auto", "groups", "columns"):
             raise ValueError(f"dispatch must be 'auto', 'groups' or 'columns', got {self.dispatch!r}")
-        if self.dispatch == "columns" and self.capacity_factor is not None:
-            raise ValueError("dispatch='columns' is dropless; it cannot take a capacity_factor "
-                             "(use 'groups' or 'auto')")
+        if self.dispatch == "columns" and (self.capacity_factor is not None
+                                           or self.added_experts):
+            raise ValueError("dispatch='columns' is dropless and routes no added experts; it "
+                             "cannot take a capacity_factor or added_experts (use 'groups' "
+                             "or 'auto')")
         if self.gemm not in ("auto", "grouped", "padded"):
             raise ValueError(f"gemm must be 'auto', 'grouped' or 'padded', got {self.gemm!r}")
 
     def num_experts_of(self, group: str) -> int:
+        """The group's routed experts (top-K among these); ``added_experts`` come on top."""
         return self.experts_per_group.get(group, self.num_experts)
 
     @property

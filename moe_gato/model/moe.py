@@ -10,6 +10,18 @@ chosen gates, times ``gate_scale`` (default the granularity G: G experts of hidd
 reaches experts of its own group. Expert weights are stacked parameters ``w1_EDF`` /
 ``w2_EFD`` per group, so an expert-parallel wrapper can shard them along E.
 
+Added experts (``MoEConfig.added_experts``, appended by ``moe-gato finetune --mode
+new-expert``): expert a of a group has a router row r_a and a bias b_a, and is routed *in
+addition to* the top-K, which it never displaces: a token takes it when its logit
+``x . r_a + b_a`` beats the lowest logit the token chose (it would have made the top-K),
+with gate ``gate_scale * sigmoid(logit - logsumexp(the logits the chosen gates were
+normalised over))``, the share it would have had among them. Why not one more column of the
+top-K: a column that may win a slot changes some token's experts or gates, and one that
+never wins (a very negative logit) gets no gradient, so a new expert could not both leave
+the pretrained model's outputs untouched and learn. Added, it does both: its output
+weights start at zero, so every output is the pretrained model's bit for bit while the
+tokens routed to it already give those weights a gradient.
+
 Inference fast path (no gradients recorded, no expert parallelism, dropless, at most
 ``FEW_TOKENS`` tokens: a control step's observation chunk and its decoded actions): every
 group's router at once as one matmul over the concatenated routers (C = all groups' experts,
@@ -45,10 +57,15 @@ class GroupRouting:
     dropped: torch.Tensor         # () slots dropped by capacity (0 when dropless)
     aux_loss: torch.Tensor        # () Switch balancing loss (unscaled), differentiable
     z_loss: torch.Tensor          # () router z-loss (unscaled), differentiable
+    #: (A,) tokens routed to each added expert; none by default (no class attribute: a
+    #: field with a factory has none, so that ``DeferredRouting`` computes it when read)
+    added_load_A: torch.Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
 class DeferredRouting(GroupRouting):
-    """A ``GroupRouting`` whose tensors ``compute()`` returns on the first field read."""
+    """A ``GroupRouting`` whose tensors ``compute()`` returns on the first field read (the
+    fields it leaves out take their defaults)."""
 
     def __init__(self, compute):  # not the dataclass __init__: the fields come later
         self._compute = compute
@@ -57,7 +74,11 @@ class DeferredRouting(GroupRouting):
         if name.startswith("__") or "_compute" not in self.__dict__:
             raise AttributeError(name)
         compute = self.__dict__.pop("_compute")
-        self.__dict__.update(compute())
+        values = compute()
+        for f in dataclasses.fields(GroupRouting):
+            if f.name not in values and f.default_factory is not dataclasses.MISSING:
+                values[f.name] = f.default_factory()
+        self.__dict__.update(values)
         return getattr(self, name)
 
 
@@ -105,16 +126,29 @@ class FeedForward(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class ExpertGroup(nn.Module):
-    """One modality group: router, E stacked experts, optional shared expert."""
+class AddedExpert(nn.Module):
+    """An expert appended to a group after pretraining: router row, router bias, FFN."""
 
-    def __init__(self, d_model: int, hidden: int, num_experts: int, shared: bool):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.router_D = nn.Parameter(torch.empty(d_model))
+        self.bias_1 = nn.Parameter(torch.zeros(1))
+        self.w1_DF = nn.Parameter(torch.empty(d_model, hidden))
+        self.w2_FD = nn.Parameter(torch.empty(hidden, d_model))
+
+
+class ExpertGroup(nn.Module):
+    """One modality group: router, E stacked experts, optional shared expert, added experts."""
+
+    def __init__(self, d_model: int, hidden: int, num_experts: int, shared: bool,
+                 added: int = 0):
         super().__init__()
         self.router_ED = nn.Parameter(torch.empty(num_experts, d_model))
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.register_buffer("expert_bias_E", torch.zeros(num_experts))
         self.shared = FeedForward(d_model, hidden) if shared else None
+        self.added = nn.ModuleList(AddedExpert(d_model, hidden) for _ in range(added))
         #: set by moe_gato.train.expert_parallel.shard_experts: this rank then holds E / P
         #: experts and exchanges tokens with all-to-all instead of calling expert_ffn
         self.expert_parallel = None
@@ -140,7 +174,7 @@ class ModalityRoutedMoE(nn.Module):
         self.moe = cfg.moe
         self.groups = nn.ModuleDict({
             name: ExpertGroup(cfg.d_model, cfg.expert_hidden, cfg.moe.num_experts_of(name),
-                              cfg.moe.shared_expert)
+                              cfg.moe.shared_expert, cfg.moe.added_experts)
             for name in cfg.moe.groups})
         names = list(cfg.moe.groups)
         self.register_buffer("group_of_kind", torch.tensor(
@@ -195,7 +229,7 @@ class ModalityRoutedMoE(nn.Module):
         dispatch = self.moe.dispatch
         if dispatch == "groups" or (dispatch == "auto" and not x_TD.is_cuda):
             return False
-        return (self.moe.capacity_factor is None
+        return (self.moe.capacity_factor is None and not self.moe.added_experts
                 and all(g.expert_parallel is None for g in self.groups.values()))
 
     def _forward_columns(self, x_TD: torch.Tensor, kinds_T: torch.Tensor
@@ -285,7 +319,11 @@ class ModalityRoutedMoE(nn.Module):
         # renormalized gates p_k / sum_j p_j over the chosen = a softmax of their logits
         gates_TK = top_TK.softmax(dim=-1) if cfg.renormalize else probs_TC.gather(1, cols_TK)
         gates_TK = (gates_TK * cfg.gate_scale).to(x_TD.dtype)
-        routing = self._few_routing(group_T, present, first_col, logits_TC, cols_TK)
+        added_loads = {}
+        if self.moe.added_experts:  # the chosen logits and their normaliser, per token
+            norm_T = torch.logsumexp(top_TK if cfg.renormalize else logits_TC, dim=-1)
+        routing = self._few_routing(group_T, present, first_col, logits_TC, cols_TK,
+                                    added_loads)
         w1s, w2s = [g.w1_EDF for g in groups], [g.w2_EFD for g in groups]
         if cfg.shared_expert:  # a group's shared expert is one more column, gate 1
             C = offsets[-1]
@@ -296,12 +334,21 @@ class ModalityRoutedMoE(nn.Module):
                 cols_TK[:, :1], C)
             cols_TK = torch.cat([cols_TK, shared_T1], dim=1)
             gates_TK = torch.cat([gates_TK, gates_TK.new_ones(len(group_T), 1)], dim=1)
-        return expert_ffn_few(x_TD, cols_TK, gates_TK, w1s, w2s, offsets), routing
+        y_TD = expert_ffn_few(x_TD, cols_TK, gates_TK, w1s, w2s, offsets)
+        if self.moe.added_experts:
+            for g in present:
+                index_t = (group_T == g).nonzero().squeeze(1)
+                y_tD, added_loads[g] = self._add_experts(
+                    everyone[g], x_TD.index_select(0, index_t), y_TD.index_select(0, index_t),
+                    top_TK.index_select(0, index_t), norm_T.index_select(0, index_t))
+                y_TD = y_TD.index_copy(0, index_t, y_tD)
+        return y_TD, routing
 
-    def _few_routing(self, group_T, present, first_col, logits_TC, cols_TK
+    def _few_routing(self, group_T, present, first_col, logits_TC, cols_TK, added_loads
                      ) -> dict[str, GroupRouting]:
         """The fast path's per-group records, equal to ``_route``'s; their tensors are
-        computed when first read (a control step never reads them)."""
+        computed when first read (a control step never reads them). ``added_loads`` is
+        filled by the caller after this returns, before any record is read."""
         names = list(self.groups)
 
         def record(g: int) -> dict[str, torch.Tensor]:
@@ -314,8 +361,10 @@ class ModalityRoutedMoE(nn.Module):
             load_E = torch.bincount(ids_tK.reshape(-1), minlength=E)
             aux_loss = E * torch.dot(load_E.float() / ids_tK.numel(), probs_tE.mean(0))
             z_loss = torch.logsumexp(logits_tE, dim=-1).square().mean()
+            added = added_loads.get(g, load_E.new_zeros(0))
             return dict(token_index_t=index_t, expert_ids_tK=ids_tK, load_E=load_E,
-                        dropped=load_E.new_zeros(()), aux_loss=aux_loss, z_loss=z_loss)
+                        dropped=load_E.new_zeros(()), aux_loss=aux_loss, z_loss=z_loss,
+                        added_load_A=added)
 
         return {names[g]: DeferredRouting(functools.partial(record, g)) for g in present}
 
@@ -347,10 +396,37 @@ class ModalityRoutedMoE(nn.Module):
                                       impl=cfg.impl, gemm=cfg.gemm)
         if group.shared is not None:
             y_tD = y_tD + group.shared(x_tD)
+        added_load_A = load_E.new_zeros(len(group.added))
+        if len(group.added):
+            chosen_tK = logits_tE.gather(1, expert_ids_tK)
+            norm_t = torch.logsumexp(chosen_tK if cfg.renormalize else logits_tE, dim=-1)
+            y_tD, added_load_A = self._add_experts(group, x_tD, y_tD, chosen_tK, norm_t)
         routing = GroupRouting(token_index_t=index_t, expert_ids_tK=expert_ids_tK.detach(),
                                load_E=load_E, dropped=expert_ids_tK.numel() - kept_E.sum(),
-                               aux_loss=aux_loss, z_loss=z_loss)
+                               aux_loss=aux_loss, z_loss=z_loss, added_load_A=added_load_A)
         return y_tD, routing
+
+    def _add_experts(self, group: ExpertGroup, x_tD: torch.Tensor, y_tD: torch.Tensor,
+                     chosen_tK: torch.Tensor, norm_t: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``y_tD`` plus the group's added experts (module docstring): added expert a takes
+        the tokens whose logit beats the lowest of their chosen logits ``chosen_tK``, with
+        gate ``gate_scale * sigmoid(logit - norm_t)``. Returns the sum and each one's
+        token count. Outputs of the routed experts are left as they are, bit for bit."""
+        lowest_t = chosen_tK.min(dim=-1).values
+        loads = []
+        for added in group.added:
+            logit_t = x_tD.float() @ added.router_D.float() + added.bias_1.float()
+            index_n = (logit_t > lowest_t).nonzero().squeeze(1)
+            loads.append(index_n.numel())
+            if index_n.numel() == 0 and not self.uniform_graph:
+                continue
+            gate_n = (logit_t.index_select(0, index_n) - norm_t.index_select(0, index_n)
+                      ).sigmoid() * self.moe.gate_scale
+            x_nD = x_tD.index_select(0, index_n)
+            out_nD = F.gelu(x_nD @ added.w1_DF) @ added.w2_FD
+            y_tD = y_tD.index_add(0, index_n, out_nD * gate_n.to(out_nD.dtype)[:, None])
+        return y_tD, torch.tensor(loads, dtype=torch.long, device=x_tD.device)
 
     @torch.no_grad()
     def update_bias(self, routing: dict[str, GroupRouting]) -> None:
@@ -367,6 +443,12 @@ def init_moe_(moe: ModalityRoutedMoE, std: float, out_std: float) -> None:
         nn.init.normal_(group.router_ED, std=std)
         nn.init.normal_(group.w1_EDF, std=std)
         nn.init.normal_(group.w2_EFD, std=out_std)
+        for added in group.added:
+            nn.init.normal_(added.router_D, std=std)
+            nn.init.zeros_(added.bias_1)
+            nn.init.normal_(added.w1_DF, std=std)
+            nn.init.normal_(added.w2_FD, std=out_std)
 
 
-__all__ = ["FeedForward", "ExpertGroup", "ModalityRoutedMoE", "GroupRouting", "init_moe_"]
+__all__ = ["FeedForward", "AddedExpert", "ExpertGroup", "ModalityRoutedMoE", "GroupRouting",
+           "init_moe_"]

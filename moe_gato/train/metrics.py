@@ -37,7 +37,8 @@ def measure_peak_flops(device: torch.device) -> float:
 # ------------------------------------------------------------------------ metrics
 def routing_metrics(routing: list[dict]) -> dict[str, float]:
     """Per layer and group: load of each expert (fraction), dropped slots, router entropy
-    of the load distribution (1.0 = perfectly balanced)."""
+    of the load distribution (1.0 = perfectly balanced), and the share of the group's
+    tokens each added expert took (``added/<a>``)."""
     out: dict[str, float] = {}
     for layer, groups in enumerate(routing):
         for name, r in groups.items():
@@ -50,6 +51,9 @@ def routing_metrics(routing: list[dict]) -> dict[str, float]:
             out[f"{prefix}/dropped"] = float(r.dropped)
             for e, f in enumerate(frac.tolist()):
                 out[f"{prefix}/load/{e}"] = f
+            tokens = max(int(r.token_index_t.numel()), 1)
+            for a, n in enumerate(r.added_load_A.tolist()):
+                out[f"{prefix}/added/{a}"] = n / tokens
     return out
 
 

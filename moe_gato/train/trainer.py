@@ -73,7 +73,8 @@ def _flatten(d, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and key not in ("data.tasks", "deepspeed.extra"):
+        if isinstance(v, dict) and v and key not in ("data.tasks", "data.train_episodes",
+                                                     "deepspeed.extra"):
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v
@@ -479,7 +480,7 @@ class Trainer:
             if not len(split_rows(len(self.loader.data[task]), self.cfg.data.validation_fraction,
                                   "validation")):
                 continue  # a task with a single row has no validation split
-            cfg = dataclasses.replace(self.cfg.data, tasks={task: 1.0})
+            cfg = dataclasses.replace(self.cfg.data, tasks={task: 1.0}, train_episodes={})
             loader = SequenceLoader(cfg, split="validation", seed=12345, data_dir=self.data_dir,
                                     tokenizer=self.loader.tok)
             seqs = [loader.sequence(i) for i in range(self.cfg.eval_sequences)]
