@@ -31,16 +31,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-# name fragment -> (HBM GB/s, dense bf16 tensor-core TFLOP/s), from the vendors' data sheets
-PEAKS = {
-    "H200": (4800.0, 989.0),
-    "H100 PCIe": (2000.0, 756.0),
-    "H100 NVL": (3900.0, 835.0),
-    "H100": (3350.0, 989.0),  # SXM
-    "A100": (2039.0, 312.0),
-    "L40S": (864.0, 362.0),
-}
-
 T_VALS = (4096, 16384, 65536)
 D_VALS = (1024, 2048, 4096)
 E_VALS = (8, 64)
@@ -48,10 +38,13 @@ K_VALS = (1, 2)
 
 
 def card_peaks(name: str) -> tuple[float, float]:
-    for key, peaks in PEAKS.items():
-        if key in name:
-            return peaks
-    return float("nan"), float("nan")
+    """(HBM GB/s, dense bf16 TFLOP/s) of the card, from moe_gato.peaks (nan when unknown)."""
+    from moe_gato.peaks import card_peaks as peaks_of
+
+    peaks = peaks_of(name)
+    if peaks is None:
+        return float("nan"), float("nan")
+    return peaks.hbm_bytes_per_s / 1e9, peaks.bf16_flops / 1e12
 
 
 def make_cases(quick: bool) -> list[tuple[int, int, int, int]]:

@@ -6,7 +6,7 @@
     hw.gpus, hw.memory_bytes, hw.peak_flops, hw.latency_device
 
 Figures are assumptions from vendor data sheets (NVIDIA H100 SXM5 and H200 SXM, ConnectX-7),
-not measurements:
+not measurements; the cards' own peaks are ``moe_gato.peaks``'s:
 
 - H100 SXM: 80 GB HBM3 at 3.35 TB/s; 989 TFLOP/s dense bf16.
 - H200 SXM: 141 GB HBM3e at 4.8 TB/s; 989 TFLOP/s dense bf16 (the same compute die).
@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+
+from moe_gato.peaks import card_peaks
 
 GB = 1e9
 FORMS = ("<N>xH100", "<N>xH200", "cpu-2core")
@@ -63,10 +65,9 @@ class Hardware:
         return -(-self.gpus // self.gpus_per_node)
 
 
-_GPU = {  # kind: (memory, peak bf16 FLOP/s, HBM bytes/s, latency model, note)
-    "H100": (80 * GB, 989e12, 3.35e12, H100_LATENCY, ""),
-    "H200": (141 * GB, 989e12, 4.8e12, H100_LATENCY,
-             "no measured H200 latency model: the H100 80GB HBM3 one is used"),
+_LATENCY = {  # kind: (latency model, note); the peaks are moe_gato.peaks's
+    "H100": (H100_LATENCY, ""),
+    "H200": (H100_LATENCY, "no measured H200 latency model: the H100 80GB HBM3 one is used"),
 }
 GPUS_PER_NODE = 8
 NVLINK_EACH_WAY = 450 * GB   # 900 GB/s per GPU, both directions
@@ -90,9 +91,11 @@ def parse_hardware(spec: str) -> Hardware:
     if n < 1 or (n > GPUS_PER_NODE and n % GPUS_PER_NODE):
         raise ValueError(f"hardware: {spec!r}: the GPU count must be 1-{GPUS_PER_NODE} (one "
                          f"node) or a multiple of {GPUS_PER_NODE} (whole nodes), got {n}")
-    memory, peak, hbm, device, note = _GPU[kind]
+    device, note = _LATENCY[kind]
+    peaks = card_peaks(kind)
     return Hardware(name=f"{n}x{kind}", kind=kind, gpus=n,
-                    gpus_per_node=min(n, GPUS_PER_NODE), memory_bytes=memory, peak_flops=peak,
-                    hbm_bytes_per_s=hbm, intra_node_bytes_per_s=NVLINK_EACH_WAY,
+                    gpus_per_node=min(n, GPUS_PER_NODE), memory_bytes=peaks.memory_bytes,
+                    peak_flops=peaks.bf16_flops, hbm_bytes_per_s=peaks.hbm_bytes_per_s,
+                    intra_node_bytes_per_s=NVLINK_EACH_WAY,
                     inter_node_bytes_per_s=IB_EACH_WAY, latency_device=device,
                     latency_note=note)

@@ -93,3 +93,19 @@ def test_a_steady_state_training_step_reads_nothing_back(tmp_path, tiny_suite):
     assert reads.count == 0, reads.report()
     record = trainer.read(pending[-1])
     assert record["step"] == 4 and record["loss"] > 0 and record["grad_norm"] > 0
+
+
+def test_bench_step_dry_run(tiny_suite, tmp_path, capsys):
+    """benchmarks/bench_step.py, the heart of benchmarks/gpu_check.sh, runs every check on the
+    CPU at toy sizes: fp32 parity met, no host read in steady state, both paths timed."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from benchmarks import bench_step
+
+    mixture = tmp_path / "mixture.yaml"
+    mixture.write_text("tasks:\n  babyai/BabyAI-GoToLocal-v0: 1.0\n  classic/Pendulum-v1: 1.0\n"
+                       "  vl/digits: 1.0\n  text/shakespeare: 1.0\n")
+    assert bench_step.main(["--data", str(tiny_suite), "--mixture", str(mixture), "--device", "cpu",
+                            "--quick", "--no-save", "model.context_length=192"]) == 0
+    out = capsys.readouterr().out
+    assert "**met**" in out and "(target 0): **0**" in out, out
+    assert "GPU path / CPU path" in out

@@ -15,16 +15,16 @@ import torch
 from moe_gato.tokenizer import KIND_NAMES
 from moe_gato.tokenizer.layout import ACTION_KINDS, Kind
 
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 KIND_NAMES_INDEX = {name: int(k) for k, name in KIND_NAMES.items()}
 
 
 def measure_peak_flops(device: torch.device) -> float:
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                return peak
+        from moe_gato.peaks import card_peaks
+
+        peaks = card_peaks(torch.cuda.get_device_name(device))
+        if peaks is not None:
+            return peaks.bf16_flops
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
