@@ -13,7 +13,8 @@ Checks, each a section of one RESULTS.md entry (the card's name in its header):
 2. **Host syncs** over ``--sync-steps`` steady-state steps of the GPU path: on CUDA under
    ``torch.cuda.set_sync_debug_mode("error")`` (a sync raises), on the CPU counted by
    ``moe_gato.train.host_reads.HostReads`` (target 0).
-3. **Throughput**: tokens/s of the whole step (data, logging every ``log_every`` steps) of
+3. **Data**: sequences/s of ``SequenceLoader`` against the planner (moe_gato/data/planner.py).
+4. **Throughput**: tokens/s of the whole step (data, logging every ``log_every`` steps) of
    tiny-moe with the GPU path against the CPU path, interleaved rounds, median and spread;
    MFU of tiny-moe, gato-25m-moe and gato-79m-moe on the GPU path (targets on an H100/H200:
    >= 2M tokens/s for tiny-moe, >= 30% MFU for the two larger presets).
@@ -113,7 +114,7 @@ def parity(args) -> list[str]:
 
 
 def syncs(args) -> list[str]:
-    t = trainer(args.data, args.device, ["model.moe.dispatch=columns"])
+    t = trainer(args.data, args.device, ["model.moe.dispatch=columns", "batches=planner"])
     t.defer_reads = True
     t.read(t.step_async())  # optimizer state and gradients allocated
     t.read(t.step_async())
@@ -140,8 +141,10 @@ def syncs(args) -> list[str]:
 
 
 def throughput(args) -> list[str]:
-    paths = {"CPU path (per-group dispatch, read every step)": ["model.moe.dispatch=groups"],
-             "GPU path (column dispatch, deferred reads)": ["model.moe.dispatch=columns"]}
+    paths = {"CPU path (per-group dispatch, read every step, loader)":
+             ["model.moe.dispatch=groups", "batches=loader"],
+             "GPU path (column dispatch, deferred reads, planner)":
+             ["model.moe.dispatch=columns", "batches=planner"]}
     trainers = {}
     for name, extra in paths.items():
         t = trainer(args.data, args.device, [*extra, f"log_every={args.log_every}",
@@ -185,6 +188,36 @@ def throughput(args) -> list[str]:
     return lines
 
 
+def data(args) -> list[str]:
+    """Sequences/s of the batches alone: SequenceLoader against the planner (the split
+    flattened once; batches gathered by index, patches on the device), interleaved."""
+    from moe_gato.data.planner import SequencePlanner
+
+    t = trainer(args.data, args.device, ["batches=loader"])
+    loader, size = t.loader, t.cfg.micro_batch_size
+    start = time.perf_counter()
+    planner = SequencePlanner(loader, device=args.device)
+    flatten_s = time.perf_counter() - start
+    rates: dict[str, list[float]] = {"SequenceLoader (Python)": [], "planner": []}
+    n = args.steps * 4 * size
+    for r in range(args.rounds):
+        for name, build in zip(rates, (loader.batch, planner.batch)):
+            begin = time.perf_counter()
+            for s in range(r * n, (r + 1) * n, size):
+                build(s, size)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            rates[name].append(n / (time.perf_counter() - begin))
+    lines = [f"{args.rounds} interleaved rounds of {n} sequences (context "
+             f"{loader.cfg.context_len}, batches of {size}); flattening the split took "
+             f"{flatten_s:.1f} s ({planner.flat.size:,} positions):", "",
+             "| builder | sequences/s (median) | spread (min-max) |", "|---|---:|---|"]
+    for name, v in rates.items():
+        lines.append(f"| {name} | {statistics.median(v):,.0f} | {min(v):,.0f}-{max(v):,.0f} |")
+    old, new = (statistics.median(v) for v in rates.values())
+    return lines + ["", f"planner / loader: **{new / old:.2f}x**."]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="data", help="collected suite (default: data)")
@@ -193,7 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available()
                    else "cpu")
     p.add_argument("--quick", action="store_true", help="few steps: a dry run of every check")
-    p.add_argument("--only", choices=["parity", "syncs", "throughput"], action="append")
+    p.add_argument("--only", choices=["parity", "syncs", "data", "throughput"], action="append")
     p.add_argument("--parity-steps", type=int, default=200)
     p.add_argument("--sync-steps", type=int, default=20)
     p.add_argument("--steps", type=int, default=40, help="timed steps per round")
@@ -209,7 +242,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.parity_steps, args.sync_steps, args.steps, args.rounds = 3, 2, 2, 1
         args.log_every, args.workers = 2, 0
-    checks = {"parity": parity, "syncs": syncs, "throughput": throughput}
+    checks = {"parity": parity, "syncs": syncs, "data": data, "throughput": throughput}
     sections = []
     for name in args.only or list(checks):
         lines = checks[name](args)

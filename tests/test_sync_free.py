@@ -108,4 +108,4 @@ def test_bench_step_dry_run(tiny_suite, tmp_path, capsys):
                             "--quick", "--no-save", "model.context_length=192"]) == 0
     out = capsys.readouterr().out
     assert "**met**" in out and "(target 0): **0**" in out, out
-    assert "GPU path / CPU path" in out
+    assert "GPU path / CPU path" in out and "planner / loader" in out

@@ -150,6 +150,21 @@ def test_data_workers_train_on_the_same_batches_and_resume(tmp_path, tiny_suite)
                    workers=1).take(4)
 
 
+def test_planned_batches_train_like_the_loaders(tmp_path, tiny_suite):
+    """``batches: planner`` (the device data path) trains on the loader's batches: the
+    same losses step for step; a bad value is named."""
+    Trainer(load_train_config(write_config(tmp_path, tiny_suite), ["steps=3"]),
+            tmp_path / "loader").fit()
+    planned = Trainer(load_train_config(write_config(tmp_path, tiny_suite),
+                                        ["steps=3", "batches=planner"]), tmp_path / "planner")
+    planned.fit()
+    assert planned._planner is not None
+    want = [r["loss"] for r in read_metrics(tmp_path / "loader")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "planner")] == want
+    with pytest.raises(ValueError, match=r"batches: 'gpu' is not allowed; allowed: \['auto', 'loader'"):
+        load_train_config(write_config(tmp_path, tiny_suite), ["batches=gpu"])
+
+
 def test_sigkill_at_a_random_step_then_resume_continues_exactly(tmp_path, tiny_suite):
     config = write_config(tmp_path, tiny_suite, steps=10, checkpoint_every=2, eval_every=5)
     ref, run = tmp_path / "ref", tmp_path / "killed"

@@ -92,6 +92,11 @@ class TrainConfig:
     #: processes building micro-batches ahead of the step (moe_gato.data.prefetch); 0 builds
     #: them in the training process. The batches are the same either way.
     data_workers: int = 0
+    #: who builds the batches: "loader" (SequenceLoader, in Python, or its data_workers),
+    #: "planner" (moe_gato.data.planner: the split tokenized once, batches gathered by index,
+    #: patches on the device; equal batches, ~2x the loader's sequences/s on one core, a
+    #: minute and a few GiB to flatten the default suite), "auto": the planner on a GPU
+    batches: Literal["auto", "loader", "planner"] = "auto"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 1

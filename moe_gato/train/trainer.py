@@ -60,7 +60,7 @@ class TrainingError(RuntimeError):
 CHANGEABLE_ON_RESUME = ("steps", "tokens", "optim.lr", "log_every", "eval_every", "eval_sequences",
                         "checkpoint_every", "keep_last", "device", "peak_flops",
                         "micro_batch_size", "resume", "data.cache_mb", "data.data_dir",
-                        "data_workers")
+                        "data_workers", "batches")
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
 
 
@@ -181,6 +181,7 @@ class Trainer:
                                  f"cannot hold one timestep of {task} ({n} tokens): nothing "
                                  f"would be learned; set model.context_length to >= {n}")
         self._prefetch = None  # data workers' Prefetcher, made at the first micro-batch
+        self._planner = None  # the SequencePlanner (batches: planner), at the first micro-batch
         self.step = 0
         self.tokens = 0
         #: on a GPU a step's numbers are read back only when a record is due (log, eval,
@@ -195,9 +196,16 @@ class Trainer:
     # -------------------------------------------------------------- data
     def host_batch(self, step: int, micro: int) -> dict:
         """Micro-batch ``micro`` of ``step`` as the loader (or its workers) built it, on the
-        host (pinned for a GPU when workers build it)."""
+        host (pinned for a GPU when workers build it); or as the planner gathered it, its
+        patches already on the device (``batches``)."""
         cfg, d = self.cfg, self.dist
         start = self._micro_start(step, micro)
+        if cfg.batches == "planner" or (cfg.batches == "auto" and d.device.type == "cuda"):
+            if self._planner is None:
+                from moe_gato.data.planner import SequencePlanner
+
+                self._planner = SequencePlanner(self.loader, device=d.device)
+            return self._planner.batch(start, cfg.micro_batch_size)
         if cfg.data_workers:
             if self._prefetch is None:  # planned from the step the loop starts at (resume)
                 from moe_gato.data.prefetch import Prefetcher
@@ -395,7 +403,8 @@ class Trainer:
     def _host_targets(self, host: list[dict]) -> tuple[list[float], float]:
         """Each micro-batch's target weight (the count of targets unless the loader weights
         them) and the step's over all ranks, from the batches still on the host."""
-        targets = [float(target_weights(b).sum()) for b in host]
+        targets = [float(b.pop("target_weight_host")) if "target_weight_host" in b
+                   else float(target_weights(b).sum()) for b in host]
         if self.dist.world == 1:
             return targets, sum(targets)
         # several ranks: summed where the process group runs (NCCL takes device tensors)
