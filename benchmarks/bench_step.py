@@ -46,6 +46,15 @@ MIXTURE: str | None = None  # --mixture: another mixture than the recipe's
 OVERRIDES: list[str] = []  # key=value overrides of the recipe, for every trainer
 
 
+def rate_table(what: str, unit: str, rates: dict[str, list[float]], ratio: str) -> list[str]:
+    """Markdown rows of interleaved rates (median, min-max) and the second over the first."""
+    lines = [f"| {what} | {unit} (median) | spread (min-max) |", "|---|---:|---|"]
+    for name, v in rates.items():
+        lines.append(f"| {name} | {statistics.median(v):,.0f} | {min(v):,.0f}-{max(v):,.0f} |")
+    old, new = (statistics.median(v) for v in rates.values())
+    return lines + ["", f"{ratio}: **{new / old:.2f}x**."]
+
+
 def trainer(data: str, device: str, overrides: list[str], preset: str = "tiny-moe"):
     """The default recipe (configs/train/tiny-moe.yaml) on ``data``, as a ``Trainer``."""
     from moe_gato.config import load_yaml
@@ -164,14 +173,10 @@ def throughput(args) -> list[str]:
             if args.device == "cuda":
                 torch.cuda.synchronize()
             rates[name].append(t.cfg.tokens_per_step * args.steps / (time.perf_counter() - start))
-    old, new = (statistics.median(v) for v in rates.values())
-    lines = [f"tiny-moe, context {next(iter(trainers.values())).cfg.data.context_len}, batch "
-             f"{next(iter(trainers.values())).cfg.batch_size}, {args.rounds} interleaved rounds "
-             f"of {args.steps} steps, data_workers {args.workers}, log every {args.log_every}:", "",
-             "| path | tokens/s (median) | spread (min-max) |", "|---|---:|---|"]
-    for name, v in rates.items():
-        lines.append(f"| {name} | {statistics.median(v):,.0f} | {min(v):,.0f}-{max(v):,.0f} |")
-    lines += ["", f"GPU path / CPU path: **{new / old:.2f}x**."]
+    cfg = next(iter(trainers.values())).cfg
+    lines = [f"tiny-moe, context {cfg.data.context_len}, batch {cfg.batch_size}, {args.rounds} "
+             f"interleaved rounds of {args.steps} steps, data_workers {args.workers}, log every "
+             f"{args.log_every}:", "", *rate_table("path", "tokens/s", rates, "GPU path / CPU path")]
     if args.device == "cuda" and not args.quick:
         lines += ["", "| preset | tokens/s | MFU (dense bf16 peak) |", "|---|---:|---:|"]
         for preset in ("tiny-moe", "gato-25m-moe", "gato-79m-moe"):
@@ -208,14 +213,10 @@ def data(args) -> list[str]:
             if args.device == "cuda":
                 torch.cuda.synchronize()
             rates[name].append(n / (time.perf_counter() - begin))
-    lines = [f"{args.rounds} interleaved rounds of {n} sequences (context "
-             f"{loader.cfg.context_len}, batches of {size}); flattening the split took "
-             f"{flatten_s:.1f} s ({planner.flat.size:,} positions):", "",
-             "| builder | sequences/s (median) | spread (min-max) |", "|---|---:|---|"]
-    for name, v in rates.items():
-        lines.append(f"| {name} | {statistics.median(v):,.0f} | {min(v):,.0f}-{max(v):,.0f} |")
-    old, new = (statistics.median(v) for v in rates.values())
-    return lines + ["", f"planner / loader: **{new / old:.2f}x**."]
+    return [f"{args.rounds} interleaved rounds of {n} sequences (context "
+            f"{loader.cfg.context_len}, batches of {size}); flattening the split took "
+            f"{flatten_s:.1f} s ({planner.flat.size:,} positions):", "",
+            *rate_table("builder", "sequences/s", rates, "planner / loader")]
 
 
 def main(argv=None) -> int:

@@ -76,15 +76,15 @@ def test_patch_codes_round_trip_bitwise():
     """uint8 images code as their pixel values; other values get entries of their own."""
     from moe_gato.tokenizer.images import images_to_patches
 
-    table, extra = FlatSplit.__dict__["_codes"].__func__, {}
-    base = np.arange(256, dtype=np.float32) * np.float32(2 / 255) - 1
-    tab = base * np.float32(0.25)
+    from moe_gato.data.planner import _uint8_table
+
+    extra, tab = {}, _uint8_table()
     rng = np.random.default_rng(0)
     for image in (rng.integers(0, 256, (2, 20, 24, 3), dtype=np.uint8),
                   rng.random((2, 20, 24, 1), dtype=np.float32)):
         patches, _ = images_to_patches(image)
         patches = patches.reshape(-1, 3, 16, 16)
-        codes = table(patches, tab, extra)
+        codes = FlatSplit._codes(patches, tab, extra)
         full = np.concatenate([tab, np.array(list(extra), np.float32)])
         assert np.array_equal(full[codes].view(np.int32), patches.view(np.int32))
     assert len(extra) > 0  # the float image needed values of its own
