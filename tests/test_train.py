@@ -165,6 +165,26 @@ def test_planned_batches_train_like_the_loaders(tmp_path, tiny_suite):
         load_train_config(write_config(tmp_path, tiny_suite), ["batches=gpu"])
 
 
+def test_records_and_checkpoints_are_also_due_by_time(tmp_path, tiny_suite):
+    """``*_every_s``: with step cadences past the budget, 0 seconds makes every step log and
+    checkpoint; null keeps the step cadence; a negative or infinite value is named."""
+    base = write_config(tmp_path, tiny_suite)
+    Trainer(load_train_config(base, ["steps=3", "log_every=100", "checkpoint_every=100",
+                                     "eval_every=100", "log_every_s=0", "checkpoint_every_s=0",
+                                     "keep_last=5"]), tmp_path / "timed").fit()
+    assert [r["step"] for r in read_metrics(tmp_path / "timed")] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "timed" / "checkpoints").iterdir()) == [
+        "step_00000001", "step_00000002", "step_00000003"]
+    Trainer(load_train_config(base, ["steps=3", "log_every=2", "checkpoint_every=100",
+                                     "eval_every=100"]), tmp_path / "steps").fit()
+    assert [r["step"] for r in read_metrics(tmp_path / "steps")] == [2, 3]  # 3: the eval
+    assert [p.name for p in (tmp_path / "steps" / "checkpoints").iterdir()] == ["step_00000003"]
+    with pytest.raises(ValueError, match="log_every_s must be a finite number of seconds >= 0"):
+        load_train_config(base, ["log_every_s=-1"])
+    with pytest.raises(ValueError, match="checkpoint_every_s: expected a finite number, got inf"):
+        load_train_config(base, ["checkpoint_every_s=inf"])
+
+
 def test_sigkill_at_a_random_step_then_resume_continues_exactly(tmp_path, tiny_suite):
     config = write_config(tmp_path, tiny_suite, steps=10, checkpoint_every=2, eval_every=5)
     ref, run = tmp_path / "ref", tmp_path / "killed"

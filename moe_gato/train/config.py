@@ -103,6 +103,13 @@ class TrainConfig:
     eval_every: int = 50
     eval_sequences: int = 8            # validation sequences per task per evaluation
     checkpoint_every: int = 50
+    #: also by wall time: a record, an evaluation or a checkpoint is due when this many
+    #: seconds have passed since the last one (null: by steps only). On a GPU a step may take
+    #: milliseconds or seconds depending on the model, so a cadence in steps is either too
+    #: chatty or too rare. With several ranks the decision is agreed by one all-reduce a step.
+    log_every_s: float | None = None
+    eval_every_s: float | None = None
+    checkpoint_every_s: float | None = None
     keep_last: int = 3
     resume: Literal["auto", "never"] = "auto"
     #: peak FLOP/s for MFU; null measures a large fp32 matmul on CPU, or uses the card's
@@ -114,6 +121,11 @@ class TrainConfig:
                       "eval_every", "checkpoint_every", "eval_sequences"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        for field in ("log_every_s", "eval_every_s", "checkpoint_every_s"):
+            value = getattr(self, field)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{field} must be a finite number of seconds >= 0 or null, "
+                                 f"got {value}")
         if self.data_workers < 0:
             raise ValueError(f"data_workers must be >= 0 (0: no worker processes), "
                              f"got {self.data_workers}")

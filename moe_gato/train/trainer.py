@@ -60,7 +60,8 @@ class TrainingError(RuntimeError):
 CHANGEABLE_ON_RESUME = ("steps", "tokens", "optim.lr", "log_every", "eval_every", "eval_sequences",
                         "checkpoint_every", "keep_last", "device", "peak_flops",
                         "micro_batch_size", "resume", "data.cache_mb", "data.data_dir",
-                        "data_workers", "batches")
+                        "data_workers", "batches", "log_every_s", "eval_every_s",
+                        "checkpoint_every_s")
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
 
 
@@ -542,21 +543,20 @@ class Trainer:
         bar = tqdm(total=cfg.num_steps, initial=self.step, disable=not d.main,
                    desc=f"train {self.run_dir.name}", unit="step")
         last: dict = {}
+        cadence = Cadence(cfg, d.device)
         try:
             while self.step < cfg.num_steps:
                 pending = self.step_async()
-                due = (not self.defer_reads or self.step == cfg.num_steps or any(
-                    self.step % every == 0 for every in (cfg.log_every, cfg.eval_every,
-                                                         cfg.checkpoint_every)))
-                if not due:
+                due = cadence.due(self.step)
+                if not due and self.defer_reads:
                     bar.update(1)
                     continue
                 record = self.read(pending)
-                if self.step % cfg.eval_every == 0 or self.step == cfg.num_steps:
+                if "eval" in due:
                     record.update(self.evaluate())
-                if self.step % cfg.log_every == 0 or "eval/loss" in record:
+                if "log" in due or "eval/loss" in record:
                     log.write(record)
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.num_steps:
+                if "checkpoint" in due:
                     self.save()
                     if dist.is_initialized():
                         dist.barrier()
@@ -570,6 +570,37 @@ class Trainer:
                 self._prefetch.close()
                 self._prefetch = None
         return last
+
+
+class Cadence:
+    """When a record, an evaluation and a checkpoint are due: every ``<kind>_every`` steps
+    (evaluation and checkpoint also at the last step), or once ``<kind>_every_s`` seconds
+    have passed since the last one. Ranks agree on the time-based part by one all-reduce."""
+
+    KINDS = ("log", "eval", "checkpoint")
+
+    def __init__(self, cfg, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.every = {k: getattr(cfg, f"{k}_every") for k in self.KINDS}
+        self.every_s = {k: getattr(cfg, f"{k}_every_s") for k in self.KINDS}
+        self.timed = any(v is not None for v in self.every_s.values())
+        self.last = dict.fromkeys(self.KINDS, time.monotonic())
+
+    def due(self, step: int) -> set[str]:
+        now = time.monotonic()
+        out = {k for k in self.KINDS if step % self.every[k] == 0}
+        if step == self.cfg.num_steps:
+            out |= {"eval", "checkpoint"}
+        if self.timed:
+            late = [k not in out and self.every_s[k] is not None
+                    and now - self.last[k] >= self.every_s[k] for k in self.KINDS]
+            if dist.is_initialized():  # every rank must take the same branch
+                flags = torch.tensor(late, dtype=torch.float32, device=self.device)
+                late = (all_reduce_sum(flags) > 0).tolist()
+            out |= {k for k, flag in zip(self.KINDS, late) if flag}
+        for k in out:
+            self.last[k] = now
+        return out
 
 
 @dataclasses.dataclass
