@@ -154,7 +154,9 @@ def readoff_markdown(doc: dict) -> list[str]:
                          f"{r['tokens_per_param']:.3g} | {r['L_opt']:.4f} ({_ci(r.get('L_ci'))}) |")
         lines.append("")
     if doc.get("multiplier"):
-        lines += ["## MoE compute multiplier over dense at equal loss (joint law)", "",
+        why = _unusable(doc, "joint")
+        lines += ["## MoE compute multiplier over dense at equal loss (joint law, "
+                  f"{'usable' if not why else 'not usable: ' + why})", "",
                   "C_dense / C: the compute a dense model needs to reach the loss the MoE reaches "
                   "with C (> 1: the MoE saves compute).", "",
                   "| C | E | multiplier (95%) |", "| --- | --- | --- |"]

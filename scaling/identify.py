@@ -12,7 +12,9 @@ edge of its plausible box (``scaling.laws.Law.bounds``: an irreducible loss coll
 ~0, an exponent of 45) is flagged, and so is a law that fits its runs far below the seed
 noise when that is known (an overfit).
 
-A law is *usable* when it was fitted, has a finite held-out error and no flag. A question
+A law is *usable* when it was fitted, has a finite held-out error no larger than
+``MAX_HELDOUT_RMSE_LOG`` (a law that misses the runs it was not fitted to by more than ~10%
+predicts nothing, however clean its coefficients) and no flag. A question
 that compares models of several expansion rates E (the optimum over a family, a plan over
 expert counts) may only be answered by a usable law with a term for E (Clark's, the joint
 law); one about models of one E also by a law without it fitted at that E (``E_scope``).
@@ -34,6 +36,8 @@ RUNS_PER_COEF = 2
 MIN_LEVELS = 3
 #: a law whose in-sample RMSE of log L is below this share of the seed noise overfits
 OVERFIT_SHARE = 0.5
+#: the largest held-out RMSE of log L (~10% relative) for which a law may be used
+MAX_HELDOUT_RMSE_LOG = 0.10
 _EDGE = 1e-3  # "on the edge": within this share of the box (log space for scales)
 
 
@@ -109,6 +113,9 @@ def unusable(doc: dict, law: str) -> str | None:
     if rmse is None or not math.isfinite(rmse):
         why = doc.get("held_out", {}).get(law, {}).get("error")
         return "no held-out error" + (f" ({why})" if why else "")
+    if rmse > MAX_HELDOUT_RMSE_LOG:
+        return (f"held-out RMSE of log L {rmse:.3g} is above {MAX_HELDOUT_RMSE_LOG:g}: it does "
+                f"not predict the runs it was not fitted to")
     return None
 
 

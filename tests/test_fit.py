@@ -319,6 +319,19 @@ def test_a_flagged_law_is_never_used():
     assert best_law(doc) is None
 
 
+def test_a_law_that_misses_its_held_out_runs_is_never_used():
+    """The designed CPU sweep of 2026-12-07: Clark's law was the only unflagged fit, 85%
+    off on the largest budget, and the optimum took a 414M-parameter model from it."""
+    from scaling.identify import MAX_HELDOUT_RMSE_LOG, choose_law
+
+    held = {"rmse_log": 0.6241, "mode": "largest"}
+    doc = {"laws": {"clark": dict(TRUE["clark"][0])}, "held_out": {"clark": held}}
+    law, why = choose_law(doc)
+    assert law is None and "held-out RMSE of log L 0.624 is above" in why
+    held["rmse_log"] = 0.9 * MAX_HELDOUT_RMSE_LOG
+    assert choose_law(doc)[0] == "clark"
+
+
 def test_runs_that_cannot_identify_a_law_are_refused():
     """The micro sweep: 2 budgets x 2 widths x {dense, 4 experts of G = 2}; Krajewski's 7
     coefficients were once fitted to its 8 runs and used."""
@@ -399,6 +412,13 @@ def test_readoffs_carry_bootstrap_intervals_and_the_moe_multiplier():
         dense = compute_optimal("joint", coefs, [m["C"] * m["multiplier"]], E=1.0)[2][0]
         assert dense == pytest.approx(moe, rel=2e-3)
         assert m["ci"][0] <= m["multiplier"] <= m["ci"][1]
+    # fit.md says whether the law behind the multiplier may be trusted
+    from scaling.fit_cli import readoff_markdown
+
+    flagged = {**doc, "laws": {**doc["laws"], "joint": {**coefs, "flags": {"c": "at a bound"}}}}
+    assert any("multiplier" in h and "(joint law, usable)" in h for h in readoff_markdown(doc))
+    assert any("multiplier" in h and "not usable: flagged: c at a bound" in h
+               for h in readoff_markdown(flagged))
     # the non-embedding N: the laws take that column; a table without it is a clear error
     ne = F_table(table, ["joint"], n_column="N_active_nonemb")
     assert ne["n_column"] == "N_active_nonemb"
