@@ -33,6 +33,11 @@ from benchmarks.common import append_results  # noqa: E402
 #: the default recipe without what the old commit may not know (positions came later)
 RECIPE = ["model.context_length=576", "batch_size=8", "micro_batch_size=8", "log_every=1",
           "eval_every=100000", "checkpoint_every=100000", "peak_flops=1e11"]
+#: this checkout's recipe set back to the old one's (the default now has positions)
+NEW_ONLY = ["model.positions=none"]
+#: batch x context of RECIPE; the run length is set as tokens, which the recipe's own
+#: ``tokens`` budget would otherwise override (``steps`` is used only when tokens is null)
+TOKENS_PER_STEP = 8 * 576
 
 
 def wall_rate(run: Path, tokens_per_step: int) -> float:
@@ -41,14 +46,14 @@ def wall_rate(run: Path, tokens_per_step: int) -> float:
     return tokens_per_step / float(np.median(gaps))
 
 
-def train(code: Path, data: str, steps: int, out: Path) -> float:
+def train(code: Path, data: str, steps: int, out: Path, extra: list[str]) -> float:
     config = code / "configs/train/tiny-moe.yaml"
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "2",
            "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "moe_gato.cli", "train", "--config", str(config), "--data",
-           data, "--out", str(out), f"steps={steps}", *RECIPE]
+           data, "--out", str(out), f"tokens={steps * TOKENS_PER_STEP}", *RECIPE, *extra]
     subprocess.run(cmd, env=env, cwd=code, check=True, capture_output=True, text=True)
-    return wall_rate(out, 8 * 576)
+    return wall_rate(out, TOKENS_PER_STEP)
 
 
 def main(argv=None) -> int:
@@ -70,7 +75,9 @@ def main(argv=None) -> int:
             rates: dict[str, list[float]] = {f"{args.old} (before)": [], "this checkout": []}
             for r in range(args.rounds):
                 for (name, v), code in zip(rates.items(), (old, REPO)):
-                    v.append(train(code, data, args.steps, Path(tmp) / f"run-{r}-{len(v)}-{code.name}"))
+                    extra = [] if code == old else NEW_ONLY
+                    v.append(train(code, data, args.steps,
+                                   Path(tmp) / f"run-{r}-{len(v)}-{code.name}", extra))
                     print(f"round {r}: {name} {v[-1]:,.0f} tokens/s", flush=True)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)],
