@@ -142,9 +142,7 @@ def readoff_markdown(doc: dict) -> list[str]:
     """The compute-optimal N, D, loss and the MoE multiplier, with their intervals."""
     lines = []
     for law, rows in doc.get("optimum", {}).items():
-        why = _unusable(doc, law)
-        lines += [f"## Compute-optimal models by the {law} law "
-                  f"({'usable' if not why else 'not usable: ' + why})",
+        lines += [f"## Compute-optimal models by the {law} law ({_usability(doc, law)})",
                   "", "| C | E | G | N_opt (95%) | D_opt (95%) | D/N | loss (95%) |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in rows:
@@ -154,9 +152,8 @@ def readoff_markdown(doc: dict) -> list[str]:
                          f"{r['tokens_per_param']:.3g} | {r['L_opt']:.4f} ({_ci(r.get('L_ci'))}) |")
         lines.append("")
     if doc.get("multiplier"):
-        why = _unusable(doc, "joint")
         lines += ["## MoE compute multiplier over dense at equal loss (joint law, "
-                  f"{'usable' if not why else 'not usable: ' + why})", "",
+                  f"{_usability(doc, 'joint')})", "",
                   "C_dense / C: the compute a dense model needs to reach the loss the MoE reaches "
                   "with C (> 1: the MoE saves compute).", "",
                   "| C | E | multiplier (95%) |", "| --- | --- | --- |"]
@@ -168,7 +165,9 @@ def readoff_markdown(doc: dict) -> list[str]:
     return lines
 
 
-def _unusable(doc: dict, law: str) -> str | None:
+def _usability(doc: dict, law: str) -> str:
+    """"usable", or "not usable: " and why (``scaling.identify.unusable``)."""
     from scaling.identify import unusable
 
-    return unusable(doc, law)
+    why = unusable(doc, law)
+    return "usable" if not why else f"not usable: {why}"
