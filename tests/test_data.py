@@ -41,13 +41,26 @@ def test_unknown_task_lists_known():
 
 @pytest.mark.parametrize("env_id,expert_min,random_max", [
     ("CartPole-v1", 475, 100), ("Acrobot-v1", -150, -300), ("MountainCar-v0", -150, -190),
-    ("Pendulum-v1", -400, -800), ("MountainCarContinuous-v0", 80, 0)])
+    ("Pendulum-v1", -400, -800), ("MountainCarContinuous-v0", 80, 0),
+    ("LunarLander-v3", 200, -100)])
 def test_classic_experts_near_maximal(env_id, expert_min, random_max):
     task = ClassicTask(env_id)
     expert = np.mean([run_episode(task, ExpertActor(), s, record=False).episode_return for s in range(5)])
     rand = np.mean([run_episode(task, RandomActor(), 100 + s, record=False).episode_return for s in range(5)])
     assert expert >= expert_min
     assert rand <= random_max
+
+
+def test_held_out_tasks_one_per_control_domain():
+    """BabyAI, Meta-World and classic control each hold one task out of training (the
+    fine-tuning study's three); LunarLander's 8-d state and 4 actions are new to the agent."""
+    from moe_gato.envs import TASKS
+
+    held = sorted(n for n, s in TASKS.items() if s.held_out)
+    assert held == ["babyai/BabyAI-GoToObj-v0", "classic/LunarLander-v3",
+                    "metaworld/drawer-close-v3"]
+    task = ClassicTask("LunarLander-v3")
+    assert (task.action_kind, task.action_dim, task.obs_spec["state"].shape) == ("discrete", 4, (8,))
 
 
 def test_manifest(suite):

@@ -1,4 +1,5 @@
-"""gymnasium classic control with scripted experts; observation 'state' (continuous)."""
+"""gymnasium classic control (and Box2D's LunarLander) with scripted experts; observation
+'state' (continuous)."""
 
 from __future__ import annotations
 
@@ -39,13 +40,23 @@ def _pendulum_expert(obs: np.ndarray) -> np.ndarray:
     return np.array([np.clip(u, -2.0, 2.0)], np.float32)
 
 
+def _lunar_lander_expert(obs: np.ndarray, env) -> int:
+    # gymnasium ships a PID-style lander with its Box2D environments (~260 return here)
+    from gymnasium.envs.box2d.lunar_lander import heuristic
+
+    return int(heuristic(env, obs))
+
+
 _CLASSIC = {
     "CartPole-v1": (_cartpole_expert, 4),
     "Acrobot-v1": (_acrobot_expert, 6),
     "MountainCar-v0": (_mountain_car_expert, 2),
     "Pendulum-v1": (_pendulum_expert, 3),
     "MountainCarContinuous-v0": (_mountain_car_continuous_expert, 2),
+    "LunarLander-v3": (_lunar_lander_expert, 8),  # needs the box2d package
 }
+#: experts that read the environment as well as the observation
+_READS_ENV = {"LunarLander-v3"}
 
 
 class ClassicTask(GymTask):
@@ -60,6 +71,7 @@ class ClassicTask(GymTask):
         if env_id not in _CLASSIC:
             raise ValueError(f"no classic-control expert for {env_id!r}; known: {sorted(_CLASSIC)}")
         self._expert, obs_dim = _CLASSIC[env_id]
+        self._reads_env = env_id in _READS_ENV
         self.env = gym.make(env_id)
         self.max_steps = int(self.env.spec.max_episode_steps)
         self.obs_spec = {"state": FieldSpec(modality="continuous", dtype="float32", shape=(obs_dim,))}
@@ -72,6 +84,8 @@ class ClassicTask(GymTask):
             self.action_high = [float(v) for v in space.high]
 
     def expert_action(self, raw_obs):
+        if self._reads_env:
+            return self._expert(raw_obs, self.env.unwrapped)
         return self._expert(raw_obs)
 
     def observe(self, raw_obs):

@@ -3,8 +3,8 @@
 A task name is ``domain/env-id``. ``kind`` says what a dataset row is: an episode
 ("control"), a captioned image ("caption") or a text document ("text"). ``episodes`` is
 how many rows the default suite stores (control tasks measure expert and random returns
-over at least ``RETURN_EPISODES`` episodes each, whatever is stored). One task per domain
-is ``held_out``: collected and scored, never trained on.
+over at least ``RETURN_EPISODES`` episodes each, whatever is stored). One task in each of
+BabyAI, Meta-World and classic control is ``held_out``: collected and scored, never trained on.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def _registry() -> dict[str, TaskSpec]:
     specs += [TaskSpec(name=f"metaworld/{t}", episodes=12) for t in METAWORLD_TASKS]
     specs.append(TaskSpec(name="metaworld/drawer-close-v3", episodes=5, held_out=True))
     specs += [TaskSpec(name=f"classic/{e}", episodes=20) for e in CLASSIC]
+    specs.append(TaskSpec(name="classic/LunarLander-v3", episodes=20, held_out=True))
     specs.append(TaskSpec(name="atari/Pong", episodes=2))  # one for validation
     specs.append(TaskSpec(name="atari/Breakout", episodes=3))
     specs.append(TaskSpec(name="vl/digits", kind="caption", episodes=1797))
