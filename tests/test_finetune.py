@@ -413,3 +413,26 @@ def test_finetune_study_runs_end_to_end_on_a_micro_configuration(pretrained, ft_
     stamp = {p: p.stat().st_mtime for p in (tmp_path / "study").rglob("*.safetensors")}
     assert study(**kw) == results
     assert all(p.stat().st_mtime == t for p, t in stamp.items())
+
+
+def test_study_targets_count_a_quarter_of_the_scratch_models_demonstrations():
+    """Fine-tuning meets the first target on a task when it reaches scratch's best score
+    with at most a quarter of scratch's demonstrations; a scratch model best at the grid's
+    first count cannot be matched by construction, and the report says so."""
+    from moe_gato.report.finetune import targets
+
+    def run(task, mode, n, score, forget=None):
+        return {"task": task, "mode": mode, "demos": n, "score": score, "forget_score": forget}
+
+    results = {"modes": ["new-expert", "scratch"], "demos": [1, 4, 16, 64],
+               "pretrained": {"forget_score": 0.5, "tasks": {"a": {}, "b": {}}},
+               "runs": [run("a", "scratch", 16, 0.1), run("a", "scratch", 64, 0.6),
+                        run("a", "new-expert", 16, 0.7, 0.48),
+                        run("b", "scratch", 1, 0.2), run("b", "scratch", 64, 0.2),
+                        run("b", "new-expert", 1, 0.3, 0.40)]}
+    lines = targets(results)
+    assert lines[0].endswith("reached it with 16 — met (at most a quarter).")
+    assert "took 1 demonstrations; the grid holds no count a quarter of it" in lines[1]
+    assert lines[1].endswith("not met (at most a quarter).")
+    assert lines[2] == "- Tasks meeting it: 1 of 2 (target: 2 of 3)."
+    assert lines[3].startswith("- new-expert: worst training-suite loss +0.100") and "not met" in lines[3]
