@@ -267,6 +267,33 @@ def test_loss_masked_as_tokenizer_says_and_router_grads():
                 assert group.w1_EDF.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-dense"])
+def test_head_at_the_targets_only_gives_the_same_loss_and_gradients(name):
+    """forward(logits="targets") runs the head only where a loss is taken: the losses, the
+    per-kind sums and every gradient equal the full head's to float rounding, with a loss
+    weighting too; no logits are returned; a bad value is refused."""
+    cfg = tiny(name, "tie_embeddings=false")
+    batch = make_batch(cfg, batch=3, length=40)
+    batch["loss_weight"] = torch.rand(batch["tokens"].shape, generator=torch.Generator().manual_seed(0))
+    outs, grads = {}, {}
+    for mode in ("all", "targets"):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        torch.manual_seed(1)  # the patch positions' draw
+        outs[mode] = out = model(batch, logits=mode)
+        out.loss.backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    full, part = outs["all"], outs["targets"]
+    assert full.logits is not None and part.logits is None
+    for field in ("loss", "lm_loss", "aux_loss", "z_loss", "kind_sums_K2"):
+        torch.testing.assert_close(getattr(part, field), getattr(full, field), rtol=1e-5, atol=1e-6)
+    assert grads["all"].keys() == grads["targets"].keys() and "head.weight" in grads["all"]
+    for n, g in grads["all"].items():
+        torch.testing.assert_close(grads["targets"][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="logits must be 'all' or 'targets', got 'some'"):
+        build_model(cfg)(batch, logits="some")
+
+
 def test_dropless_drops_nothing_capacity_counts_drops():
     cfg = tiny("tiny-moe")
     model = build_model(cfg)

@@ -219,7 +219,7 @@ class Block(nn.Module):
 
 @dataclasses.dataclass
 class ModelOutput:
-    logits: torch.Tensor                      # (B, L, V)
+    logits: torch.Tensor | None               # (B, L, V); None: forward(logits="targets")
     loss: torch.Tensor | None = None          # lm_loss + aux_loss + z_loss
     lm_loss: torch.Tensor | None = None       # masked next-token cross-entropy
     aux_loss: torch.Tensor | None = None      # scaled Switch balancing loss
@@ -279,12 +279,19 @@ class GatoModel(nn.Module):
             nn.init.normal_(self.embed.value_basis, std=std)
 
     def forward(self, batch: dict, *, cache: KVCache | None = None, compute_loss: bool = True,
-                last_only: bool = False, id_range: tuple[int, int] | None = None) -> ModelOutput:
+                last_only: bool = False, id_range: tuple[int, int] | None = None,
+                logits: str = "all") -> ModelOutput:
         """``batch["valid"]`` (B, L) bool, optional: positions a row does not use (padding
         that lines up rows of different lengths); no valid position attends to them.
         ``last_only`` computes logits of the last position only, and ``id_range`` = (lo, hi)
         only for ids [lo, hi) (what decoding needs; then ``logits`` is (B, 1 or L, hi - lo)
-        and no loss is computed)."""
+        and no loss is computed). ``logits="targets"`` computes the head only where a loss
+        is taken (the text and action targets, ``batch["loss_mask"]``) and leaves
+        ``ModelOutput.logits`` None: the same loss (to float rounding) for a fraction of the
+        head's work, which dominates small models with a large vocabulary; it reads the
+        number of targets back to the host (a sync on a GPU)."""
+        if logits not in ("all", "targets"):
+            raise ValueError(f"logits must be 'all' or 'targets', got {logits!r}")
         kinds_BL = batch["kinds"]
         B, L = kinds_BL.shape
         attn = self._attention_inputs(batch, cache)
@@ -303,9 +310,13 @@ class GatoModel(nn.Module):
         weight_VD = token_rows_VD if self.head is None else self.head.weight
         if id_range is not None:
             weight_VD = weight_VD[id_range[0]:id_range[1]]
-        logits_BLV = F.linear(x_BLD, weight_VD)
-        out = ModelOutput(logits=logits_BLV, routing=routing)
-        if (compute_loss and cache is None and L > 1 and not last_only and id_range is None):
+        losses = compute_loss and cache is None and L > 1 and not last_only and id_range is None
+        if logits == "targets" and losses:
+            out = ModelOutput(logits=None, routing=routing)
+            self._losses(out, batch, head=(x_BLD, weight_VD))
+            return out
+        out = ModelOutput(logits=F.linear(x_BLD, weight_VD), routing=routing)
+        if losses:
             self._losses(out, batch)
         return out
 
@@ -347,11 +358,20 @@ class GatoModel(nn.Module):
             attn.cos, attn.sin = self.rotary.cos_sin(pos_BL)
         return attn
 
-    def _losses(self, out: ModelOutput, batch: dict) -> None:
-        logits_BLV = out.logits[:, :-1]
+    def _losses(self, out: ModelOutput, batch: dict,
+                head: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """The losses of ``out``; ``head`` = (final hidden states, head rows): the logits
+        are computed here, at the target positions only (``forward(logits="targets")``)."""
         targets_BL, mask_BL = batch["tokens"][:, 1:], batch["loss_mask"][:, 1:]
-        nll_BL = F.cross_entropy(logits_BLV.float().flatten(0, 1), targets_BL.flatten(),
-                                 reduction="none").view_as(targets_BL)
+        if head is None:
+            nll_BL = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1),
+                                     targets_BL.flatten(), reduction="none").view_as(targets_BL)
+        else:  # positions without a target keep a loss of 0 (their weight is 0 anyway)
+            x_BLD, weight_VD = head
+            rows = mask_BL.nonzero(as_tuple=True)
+            logits_NV = F.linear(x_BLD[:, :-1][rows], weight_VD)
+            nll_N = F.cross_entropy(logits_NV.float(), targets_BL[rows], reduction="none")
+            nll_BL = nll_N.new_zeros(targets_BL.shape).index_put(rows, nll_N)
         weight_BL = target_weights(batch).to(nll_BL.dtype)
         out.lm_loss = (nll_BL * weight_BL).sum() / weight_BL.sum().clamp(min=1e-12)
         # per target kind: (sum, count) by scatter, no host read

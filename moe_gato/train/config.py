@@ -97,6 +97,13 @@ class TrainConfig:
     #: patches on the device; equal batches, ~2x the loader's sequences/s on one core, a
     #: minute and a few GiB to flatten the default suite), "auto": the planner on a GPU
     batches: Literal["auto", "loader", "planner"] = "auto"
+    #: where the output head runs in a training step: "all" positions (the logits of every
+    #: position, as evaluation and distillation need them), or only the text and action
+    #: "targets" the loss is taken on (the same loss to float rounding; on the 2-core CPU
+    #: the head is most of a small model's step: benchmarks/RESULTS.md, bench_cpu_path);
+    #: "auto": targets on the CPU, all on a GPU (selecting the targets reads their count
+    #: back to the host, a sync the GPU step avoids)
+    head_logits: Literal["auto", "all", "targets"] = "all"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 1

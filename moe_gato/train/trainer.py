@@ -157,12 +157,16 @@ class Trainer:
         check_vocabulary(cfg.model.layout, default_tokenizer())
         self.cfg = cfg
         #: what a step minimises (moe_gato.train.objective); Gato's next-token loss by default
-        self.objective = objective or LanguageModelLoss()
         self.run_dir = Path(run_dir)
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ValueError(f"run directory {self.run_dir} exists and is not a folder")
         self.overwrite = overwrite
         self.dist = setup_distributed(cfg)
+        head = cfg.head_logits
+        if head == "auto":
+            head = "all" if self.dist.device.type == "cuda" else "targets"
+        #: what a step minimises (moe_gato.train.objective); Gato's next-token loss by default
+        self.objective = objective or LanguageModelLoss(logits=head)
         self.data_dir = Path(data_dir or cfg.data.data_dir)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
