@@ -26,6 +26,10 @@ def _runs(results: dict, task: str, mode: str) -> list[dict]:
                   key=lambda r: r["demos"])
 
 
+#: the smallest score range a panel shows (normalized score units)
+MIN_SPAN = 0.5
+
+
 def figure(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -39,8 +43,10 @@ def figure(results: dict, path: Path) -> None:
             runs = _runs(results, task, mode)
             if runs:
                 colour, style = STYLES.get(mode, ("tab:green", "-d"))
-                ax.plot([r["demos"] for r in runs], [r["score"] for r in runs], style,
-                        color=colour, label=mode if mode == "scratch" else f"fine-tune {mode}")
+                ax.errorbar([r["demos"] for r in runs], [r["score"] for r in runs],
+                            yerr=[r.get("score_ci95") or 0.0 for r in runs], fmt=style,
+                            color=colour, capsize=2, elinewidth=0.7,
+                            label=mode if mode == "scratch" else f"fine-tune {mode}")
         pre = results["pretrained"]["tasks"][task]
         prompted = sorted((int(k), v) for k, v in pre["prompted"].items() if v is not None)
         if prompted:
@@ -51,6 +57,10 @@ def figure(results: dict, path: Path) -> None:
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("demonstrations")
         ax.set_ylabel("normalized score")
+        lo, hi = ax.get_ylim()  # a flat panel is not zoomed into its noise
+        if hi - lo < MIN_SPAN:
+            mid = (lo + hi) / 2
+            ax.set_ylim(mid - MIN_SPAN / 2, mid + MIN_SPAN / 2)
         ax.set_title(task, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
