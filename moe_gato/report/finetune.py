@@ -69,6 +69,15 @@ def figure(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the working folder when it lies inside it (reports are read
+    on other machines), else as is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
+
+
 def _num(v: float | None, fmt: str = ".2f") -> str:
     return "—" if v is None else format(v, fmt)
 
@@ -164,7 +173,7 @@ def targets(results: dict) -> list[str]:
 def markdown(results: dict, png: str) -> str:
     replay = f" with {results['replay']:.0%} replay" if results["replay"] else ""
     lines = ["# Learning a held-out task: fine-tuning and prompting", "",
-             f"Checkpoint `{results['checkpoint']}`; every fine-tune {results['steps']} steps"
+             f"Checkpoint `{_shown(results['checkpoint'])}`; every fine-tune {results['steps']} steps"
              f"{replay} on the first n demonstrations of the task; {results['rollouts']} "
              f"rollouts per point; scores normalized by the expert's and a random agent's "
              f"returns. Written "
