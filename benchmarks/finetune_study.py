@@ -144,8 +144,8 @@ def study(*, checkpoint: str | Path, data: str | Path, tasks: list[str], out: st
                      "demos": demos, "modes": modes, "prompt_demos": list(prompt_demos),
                      "prompt_share": prompt_share, "replay": replay, "runs": []}
     base = out / "pretrained"
-    pre = {"forget_score": score(folder, data, base / "suite", forget, suite_cfg)["mean"],
-           "tasks": {}}
+    suite = score(folder, data, base / "suite", forget, suite_cfg)
+    pre = {"forget_score": suite["mean"], "forget_by_task": _by_task(suite), "tasks": {}}
     for task in tasks:
         row = {"zero_shot": score(folder, data, base / f"zero-{_slug(task)}", [task],
                                   task_cfg)["mean"], "prompted": {}}
@@ -177,10 +177,12 @@ def study(*, checkpoint: str | Path, data: str | Path, tasks: list[str], out: st
                  replay=replay, steps=steps, config=config, overrides=overrides)
         held = score(run, data, run / "eval-task", [task], task_cfg)["tasks"][task]
         after = None if mode == "scratch" else score(run, data, run / "eval-suite", forget,
-                                                      suite_cfg)["mean"]
+                                                      suite_cfg)
         settings = json.loads((run / "finetune.json").read_text())
         results["runs"].append({"task": task, "mode": mode, "demos": n, "score": held[0],
-                                "score_ci95": held[1], "forget_score": after,
+                                "score_ci95": held[1],
+                                "forget_score": None if after is None else after["mean"],
+                                "forget_by_task": None if after is None else _by_task(after),
                                 "step_ms": step_ms(run),
                                 "trained_params": settings["trained_params"],
                                 "total_params": settings["total_params"]})
@@ -188,6 +190,11 @@ def study(*, checkpoint: str | Path, data: str | Path, tasks: list[str], out: st
     write_json(out / "results.json", results)
     write_finetune_report(results, Path(doc))
     return results
+
+
+def _by_task(scored: dict) -> dict[str, float]:
+    """{training task: its normalized score} of a ``score`` result."""
+    return {t: s for t, (s, _) in scored["tasks"].items()}
 
 
 def _validation_fraction(config: str | Path) -> float:

@@ -400,13 +400,18 @@ def test_finetune_study_runs_end_to_end_on_a_micro_configuration(pretrained, ft_
     trained = {r["mode"]: r["trained_params"] for r in runs}
     assert trained["new-expert"] < trained["experts"] < trained["full"] == trained["scratch"]
     assert all((r["forget_score"] is None) == (r["mode"] == "scratch") for r in runs)
+    assert all(list(r["forget_by_task"]) == ["classic/Pendulum-v1"] for r in runs
+               if r["mode"] != "scratch")
+    assert list(results["pretrained"]["forget_by_task"]) == ["classic/Pendulum-v1"]
     assert all(r["step_ms"] > 0 for r in runs)
     # GoToObj's 171-token timestep leaves no room for a prompt in a context of 256
     assert results["pretrained"]["tasks"][HELD_OUT]["prompted"] == {"1": None, "2": None}
     text = doc.read_text()
     for part in ("![normalized score against demonstrations](finetune.png)",
                  "## Held-out scores", "## Forgetting", "## Targets",
-                 "| new-expert | 525,320 |", "| babyai/BabyAI-GoToObj-v0 | scratch | 2 |"):
+                 "| new-expert | 525,320 |", "| babyai/BabyAI-GoToObj-v0 | scratch | 2 |",
+                 "Change of each training task's score after 2 demonstrations",
+                 "| task | mode | Pendulum ("):
         assert part in text, part
     assert doc.with_suffix(".png").stat().st_size > 10_000
     assert json.loads((tmp_path / "study" / "results.json").read_text()) == results

@@ -122,6 +122,7 @@ def forgetting_tables(results: dict) -> list[str]:
                      f"{statistics.median(r['step_ms'] for r in runs):.1f} | {_num(mean, '.3f')} "
                      f"| {_num(None if mean is None else mean - before, '+.3f')} | "
                      f"{_num(worst, '+.3f')} |")
+    lines += by_training_task(results)
     lines += ["", "| task | mode | demos | held-out score | suite score after | change | "
                   "step time (ms) |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in sorted(results["runs"], key=lambda r: (r["task"], r["mode"], r["demos"])):
@@ -129,6 +130,28 @@ def forgetting_tables(results: dict) -> list[str]:
         lines.append(f"| {r['task']} | {r['mode']} | {r['demos']} | {r['score']:.2f} | "
                      f"{_num(r['forget_score'], '.3f')} | {_num(change, '+.3f')} | "
                      f"{r['step_ms']:.1f} |")
+    return lines
+
+
+def by_training_task(results: dict) -> list[str]:
+    """What each fine-tune at the largest demonstration count cost each training task (a
+    mean hides which tasks an added expert took over); empty for results without it."""
+    before = results["pretrained"].get("forget_by_task")
+    n = max(results["demos"])
+    runs = [r for r in results["runs"] if r["demos"] == n and r.get("forget_by_task")]
+    if not before or not runs:
+        return []
+    names = list(before)
+    short = [t.split("/", 1)[1].removeprefix("BabyAI-").rsplit("-v", 1)[0] for t in names]
+    lines = ["", f"Change of each training task's score after {n} demonstrations (the "
+                 f"checkpoint's score in the header):", "",
+             "| task | mode | " + " | ".join(f"{s} ({before[t]:.2f})"
+                                           for s, t in zip(short, names)) + " |",
+             "|---|---|" + "---:|" * len(names)]
+    for r in sorted(runs, key=lambda r: (r["task"], r["mode"])):
+        after = r["forget_by_task"]
+        cells = [_num(after[t] - before[t] if t in after else None, "+.2f") for t in names]
+        lines.append(f"| {r['task']} | {r['mode']} | " + " | ".join(cells) + " |")
     return lines
 
 
