@@ -40,5 +40,6 @@ class LanguageModelLoss:
         self.logits = logits
 
     def __call__(self, model, batch: dict) -> ObjectivePart:
-        out = model(batch, logits=self.logits)
+        # the keyword only when it asks for something: any model takes the plain call
+        out = model(batch) if self.logits == "all" else model(batch, logits="targets")
         return ObjectivePart(loss=out.lm_loss, aux=out.aux_loss + out.z_loss, out=out)
