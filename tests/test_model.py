@@ -274,7 +274,8 @@ def test_head_at_the_targets_only_gives_the_same_loss_and_gradients(name):
     weighting too; no logits are returned; a bad value is refused."""
     cfg = tiny(name, "tie_embeddings=false")
     batch = make_batch(cfg, batch=3, length=40)
-    batch["loss_weight"] = torch.rand(batch["tokens"].shape, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    batch["loss_weight"] = torch.rand(batch["tokens"].shape, generator=g)
     outs, grads = {}, {}
     for mode in ("all", "targets"):
         torch.manual_seed(0)

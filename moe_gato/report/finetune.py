@@ -196,7 +196,8 @@ def targets(results: dict) -> list[str]:
 def markdown(results: dict, png: str) -> str:
     replay = f" with {results['replay']:.0%} replay" if results["replay"] else ""
     lines = ["# Learning a held-out task: fine-tuning and prompting", "",
-             f"Checkpoint `{_shown(results['checkpoint'])}`; every fine-tune {results['steps']} steps"
+             f"Checkpoint `{_shown(results['checkpoint'])}`; every fine-tune "
+             f"{results['steps']} steps"
              f"{replay} on the first n demonstrations of the task; {results['rollouts']} "
              f"rollouts per point; scores normalized by the expert's and a random agent's "
              f"returns. Written "
