@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from moe_gato.envs.base import GymTask
@@ -71,8 +73,9 @@ class ClassicTask(GymTask):
         if env_id not in _CLASSIC:
             raise ValueError(f"no classic-control expert for {env_id!r}; known: {sorted(_CLASSIC)}")
         self._expert, obs_dim = _CLASSIC[env_id]
-        self._reads_env = env_id in _READS_ENV
         self.env = gym.make(env_id)
+        if env_id in _READS_ENV:  # bound once: expert_action passes the observation only
+            self._expert = functools.partial(self._expert, env=self.env.unwrapped)
         self.max_steps = int(self.env.spec.max_episode_steps)
         self.obs_spec = {"state": FieldSpec(modality="continuous", dtype="float32", shape=(obs_dim,))}
         space = self.env.action_space
@@ -84,8 +87,6 @@ class ClassicTask(GymTask):
             self.action_high = [float(v) for v in space.high]
 
     def expert_action(self, raw_obs):
-        if self._reads_env:
-            return self._expert(raw_obs, self.env.unwrapped)
         return self._expert(raw_obs)
 
     def observe(self, raw_obs):

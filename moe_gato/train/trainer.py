@@ -156,7 +156,6 @@ class Trainer:
             raise ValueError("the run directory (--out) is empty; name a folder")
         check_vocabulary(cfg.model.layout, default_tokenizer())
         self.cfg = cfg
-        #: what a step minimises (moe_gato.train.objective); Gato's next-token loss by default
         self.run_dir = Path(run_dir)
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ValueError(f"run directory {self.run_dir} exists and is not a folder")
