@@ -11,8 +11,10 @@ steps each, two threads, nothing written but a scratch run folder. Tokens/s is t
 rate of whole steps (data included): tokens per step over the median interval between
 consecutive steps' end times, after the first five.
 
-A third entry runs this checkout with the output head only at the loss's targets
-(``head_logits=targets``, the CPU's ``auto``): the head is most of a small model's step.
+Two more entries run this checkout with the output head only at the loss's targets
+(``head_logits=targets``, the CPU's ``auto``: the head is most of a small model's step) and
+with the head fused with the cross-entropy at every position (``head_logits=fused``, the
+GPU's ``auto``: no logits tensor, no host read).
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def main(argv=None) -> int:
             entries = {f"{args.old} (before)": (old, []),
                        "this checkout": (REPO, NEW_ONLY + ["head_logits=all"]),
                        "this checkout, head at the targets": (REPO,
-                                                              NEW_ONLY + ["head_logits=targets"])}
+                                                              NEW_ONLY + ["head_logits=targets"]),
+                       "this checkout, fused head": (REPO, NEW_ONLY + ["head_logits=fused"])}
             rates: dict[str, list[float]] = {name: [] for name in entries}
             for r in range(args.rounds):
                 for i, (name, (code, extra)) in enumerate(entries.items()):
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)],
                            check=False, capture_output=True)
-    (a, b, c) = (statistics.median(v) for v in rates.values())
+    (a, b, c, d) = (statistics.median(v) for v in rates.values())
     lines = [f"tiny-moe, the default recipe without positions (context 576, batch 8), "
              f"`moe-gato train`, two threads, {args.rounds} interleaved rounds of {args.steps} "
              f"steps; wall tokens/s over whole steps after the fifth. {args.note}".strip(), "",
@@ -96,7 +99,8 @@ def main(argv=None) -> int:
     lines += [f"| {name} | {statistics.median(v):,.0f} | {min(v):,.0f}-{max(v):,.0f} |"
               for name, v in rates.items()]
     lines += ["", f"this checkout / {args.old}: **{b / a:.2f}x**; with the head at the targets "
-              f"**{c / a:.2f}x** ({c / b:.2f}x the full head) (target: not slower, >= 1.05x "
+              f"**{c / a:.2f}x** ({c / b:.2f}x the full head); with the fused head "
+              f"{d / a:.2f}x ({d / b:.2f}x the full head) (target: not slower, >= 1.05x "
               f"wanted)."]
     print("\n".join(lines))
     if not args.no_save:

@@ -6,6 +6,7 @@ cache vs recompute; fits the latency model (benchmarks/latency_model.json).
     .venv/bin/python benchmarks/bench_latency.py --presets tiny-dense tiny-moe --steps 400
     .venv/bin/python benchmarks/bench_latency.py --layer   # one MoE layer: fast path vs not
     python benchmarks/bench_latency.py --device cuda        # on a GPU (bf16 autocast)
+    python benchmarks/bench_latency.py --device cuda --graphs --presets gato-1.18b-moe
 
 One step = ``Policy.act`` on one environment (``moe_gato.eval.latency``): the cache holds a
 full context (1024 tokens, rolling) of earlier steps; greedy decoding; random weights (the
@@ -18,7 +19,9 @@ processes hits all presets alike. Reported per preset: p50 and p99 over all its 
 and Hz, and the spread of the per-round p50s; MoE / dense ratios are the median over
 rounds of the paired per-round p50 ratio, with [min-max]. The cache / recompute speed-up
 uses the recompute policy (the whole window per decoded token, no cache) at a full context.
-The latency model is then fitted to every (preset, shape) p50 and written per device
+``--graphs`` adds each preset's CUDA-graphed policy (``Policy(graphs=True)``, entries
+``<preset>+graphs``, interleaved with the rest; on a CPU the static-shape step it replays,
+eagerly): its MoE / dense ratio and its speed-up over the eager step. The latency model is then fitted to every (preset, shape) p50 and written per device
 (``cpu-2core`` here; ``cuda-<card>``, e.g. ``cuda-nvidia-h100-80gb-hbm3``, with ``--device
 cuda``, where the step ends when its action is back on the host).
 
@@ -60,6 +63,14 @@ def device_key(name: str) -> str:
     return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+GRAPHS = "+graphs"  # suffix of a preset's graphed entry
+
+
+def base(name: str) -> str:
+    """The preset of an entry (``tiny-moe+graphs`` -> ``tiny-moe``)."""
+    return name.removesuffix(GRAPHS)
+
+
 def build(preset: str):
     import torch
 
@@ -93,7 +104,8 @@ def measure_shape(shape: str, presets: list[str], models: dict, steps: int, roun
 
     loops = {}
     for p in presets:
-        loops[p] = ControlLoop(make_policy(models[p], device=TORCH_DEVICE), shape, seed=0)
+        policy = make_policy(models[base(p)], device=TORCH_DEVICE, graphs=p.endswith(GRAPHS))
+        loops[p] = ControlLoop(policy, shape, seed=0)
         loops[p].fill(warmup)
     context = {p: loops[p].context_tokens() for p in presets}
     rounds_s = time_interleaved(loops, steps, rounds)
@@ -134,6 +146,8 @@ def fit_and_save(models: dict, results: dict, path: Path, machine: str, load: st
     points, rows = [], []
     for shape, per in results.items():
         for p, r in per.items():
+            if p.endswith(GRAPHS):  # the model is of the eager step
+                continue
             f = step_features(models[p].cfg, shape, context=int(round(r.context_tokens)))
             points.append((f, r.p50_ms / 1e3))
             rows.append((p, shape, f))
@@ -176,7 +190,7 @@ def report(results, rounds_s, pairs, recompute, model_fit, params, args, load, m
     for shape, per in results.items():
         for p, r in per.items():
             rp = [statistics.median(x) * 1e3 for x in rounds_s[shape][p]]
-            n, a, ane = params[p]
+            n, a, ane = params[base(p)]
             lines.append(f"| {p} | {n / 1e6:.1f}M | {a / 1e6:.1f}M ({ane / 1e6:.1f}M) | {shape} "
                          f"| {r.context_tokens:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
                          f"{r.hz_p50:.1f} | {r.hz_p99:.1f} | {min(rp):.1f}-{max(rp):.1f} |")
@@ -188,6 +202,16 @@ def report(results, rounds_s, pairs, recompute, model_fit, params, args, load, m
                 med, lo, hi = ratio_stats(rounds_s[shape][moe], rounds_s[shape][dense])
                 lines.append(f"| {moe} / {dense} | {shape} | {med:.2f}x [{lo:.2f}-{hi:.2f}] | "
                              f"{'met' if med <= 1.15 else 'not met'} |")
+    graphed = [(p, base(p)) for per in results.values() for p in per
+               if p.endswith(GRAPHS) and base(p) in per]
+    if graphed:
+        lines += ["", "| graphed / eager step | shape | latency ratio (median of rounds) "
+                  "[min-max] |", "|---|---|---|"]
+        for shape in results:
+            for g, e in dict.fromkeys(graphed):
+                if g in results[shape] and e in results[shape]:
+                    med, lo, hi = ratio_stats(rounds_s[shape][g], rounds_s[shape][e])
+                    lines.append(f"| {g} / {e} | {shape} | {med:.2f}x [{lo:.2f}-{hi:.2f}] |")
     if recompute:
         lines += ["", f"KV cache vs recompute (Meta-World shape, full context, "
                   f"{args.recompute_steps} interleaved steps each; recompute = the policy "
@@ -298,6 +322,8 @@ def main(argv=None) -> None:
                              "cuda-<card name>)")
     parser.add_argument("--recompute-steps", type=int, default=10,
                         help="steps per preset for cache vs recompute (0: skip)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also each preset's CUDA-graphed policy (<preset>+graphs)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("--dump", help="also write every step time to this JSON file")
     parser.add_argument("--layer", action="store_true",
@@ -331,6 +357,9 @@ def main(argv=None) -> None:
     t0 = time.time()
     load0 = os.getloadavg()[0]
     models = {p: build(p) for p in presets}
+    if args.graphs:
+        pairs += [(m + GRAPHS, d + GRAPHS) for m, d in pairs]
+        presets = presets + [p + GRAPHS for p in presets]
     params = {p: (m.num_params(), m.num_active_params(), m.num_active_params(non_embedding=True))
               for p, m in models.items()}
     results, rounds_s = {}, {}
@@ -361,7 +390,7 @@ def main(argv=None) -> None:
             "recompute": {p: [r.to_dict(times=True) for r in pair]
                           for p, pair in recompute.items()}}))
     fit = None
-    if not args.no_save and len(presets) > 2:
+    if not args.no_save and len(models) > 2:
         fit = fit_and_save(models, results, ROOT / "benchmarks" / "latency_model.json",
                            machine(), load)
     body = report(results, rounds_s, pairs, recompute, fit, params, args, load,

@@ -15,8 +15,10 @@
 #   2. bench_step.py on the micro suite's mixture: fp32 parity of the sync-free step with the old one, 200 bf16 steps against
 #      the seed band, host syncs over 20 steps under set_sync_debug_mode("error"), tokens/s of
 #      both paths (interleaved), MFU of tiny-moe, gato-25m-moe and gato-79m-moe;
-#   3. bench_latency.py --device cuda: batch-1 control steps of the presets, MoE / dense twin;
-#   4. bench_kernels.py --quick: permute / un-permute and grouped GEMM against the peaks.
+#   3. bench_latency.py --device cuda --graphs: batch-1 control steps of the presets, eager
+#      and CUDA-graphed, MoE / dense twin and graphed / eager;
+#   4. bench_kernels.py --quick: permute / un-permute and grouped GEMM against the peaks;
+#   5. bench_latency.py on gato-1.18b-moe and its dense twin, graphed (the >= 100 Hz target).
 # The device tool call (15 minutes of device time in all; leave room to rerun):
 #   run(command="bash benchmarks/gpu_check.sh run", carry=[".whl", ".gpu"], timeout_s=540)
 set -uo pipefail
@@ -78,9 +80,12 @@ case "$mode" in
       "$PY" benchmarks/bench_step.py --data "$data" --mixture configs/data/micro.yaml \
       --device "$device" "${quick[@]}"
     if [ "$mode" = run ]; then
-      step "control-step latency" 120 "$PY" benchmarks/bench_latency.py --device cuda \
-        --steps 100 --rounds 5
+      step "control-step latency" 150 "$PY" benchmarks/bench_latency.py --device cuda \
+        --graphs --steps 60 --rounds 3
       step "dispatch kernels" 90 "$PY" benchmarks/bench_kernels.py --quick
+      step "1.18B control step" 120 "$PY" benchmarks/bench_latency.py --device cuda --graphs \
+        --presets gato-1.18b-moe gato-1.18b-dense --shapes metaworld --steps 40 --rounds 2 \
+        --recompute-steps 0
     fi
     [ -n "$OUT" ] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
     grep -c "^=== .*: exit 0$" "$log" | sed 's/^/checks that exited 0: /'

@@ -300,3 +300,35 @@ def test_training_logs_action_accuracy(trained):
     logits[0, 0, lo + 7] = 5.0
     assert action_hits(logits, batch, layout) == (0, 2)
     assert action_hits(logits, batch, layout, num_choices=4) == (1, 2)
+
+
+def test_static_step_acts_as_the_dynamic_cache_in_real_envs(trained):
+    """The step CUDA graphs replay (``Policy(graphs=True)``; eager on the CPU) takes the
+    trained agent's actions in the real environments, batched with ragged ends and padded
+    rows."""
+    actions = {}
+    for graphs in (False, True):
+        policy = Policy.from_checkpoint(trained / "run", graphs=graphs)
+        for name, steps in (("classic/CartPole-v1", 80), ("babyai/BabyAI-OpenDoor-v0", 4)):
+            seeds = [3, 4, 5]
+            episodes = run_episodes([_env(name, steps) for _ in seeds], PolicyActor(policy),
+                                    seeds)
+            actions[graphs, name] = [ep.actions for ep in episodes]
+    for name in ("classic/CartPole-v1", "babyai/BabyAI-OpenDoor-v0"):
+        for a, b in zip(actions[False, name], actions[True, name], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_eval_cli_graphs(trained, tmp_path):
+    """``moe-gato eval --graphs`` rolls out the same episodes as the eager policy."""
+    from moe_gato.cli import main
+
+    returns = {}
+    for flag in ([], ["--graphs"]):
+        out = tmp_path / ("graphs" if flag else "eager")
+        assert main(["eval", "--checkpoint", str(trained / "run"), "--data",
+                     str(trained / "suite"), "--tasks", "classic/CartPole-v1", "--episodes", "2",
+                     "--max-steps", "30", "--no-progress", "--out", str(out), *flag]) == 0
+        returns[bool(flag)] = json.loads((out / "eval.json").read_text())[
+            "tasks"]["classic/CartPole-v1"]["returns"]
+    assert returns[True] == returns[False]

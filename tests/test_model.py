@@ -267,31 +267,38 @@ def test_loss_masked_as_tokenizer_says_and_router_grads():
                 assert group.w1_EDF.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["tiny-moe", "tiny-dense"])
-def test_head_at_the_targets_only_gives_the_same_loss_and_gradients(name):
-    """forward(logits="targets") runs the head only where a loss is taken: the losses, the
+@pytest.mark.parametrize("name,tie", [("tiny-moe", "false"), ("tiny-dense", "false"),
+                                      ("tiny-moe", "true")])
+def test_head_at_the_targets_only_gives_the_same_loss_and_gradients(name, tie):
+    """forward(logits="targets") runs the head only where a loss is taken, and
+    forward(logits="fused") runs it with the cross-entropy in chunks: the losses, the
     per-kind sums and every gradient equal the full head's to float rounding, with a loss
-    weighting too; no logits are returned; a bad value is refused."""
-    cfg = tiny(name, "tie_embeddings=false")
+    weighting too, with a tied head too; no logits are returned; a bad value is refused."""
+    cfg = tiny(name, f"tie_embeddings={tie}")
     batch = make_batch(cfg, batch=3, length=40)
     g = torch.Generator().manual_seed(0)
     batch["loss_weight"] = torch.rand(batch["tokens"].shape, generator=g)
     outs, grads = {}, {}
-    for mode in ("all", "targets"):
+    for mode in ("all", "targets", "fused"):
         torch.manual_seed(0)
         model = build_model(cfg)
         torch.manual_seed(1)  # the patch positions' draw
         outs[mode] = out = model(batch, logits=mode)
         out.loss.backward()
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    full, part = outs["all"], outs["targets"]
-    assert full.logits is not None and part.logits is None
-    for field in ("loss", "lm_loss", "aux_loss", "z_loss", "kind_sums_K2"):
-        torch.testing.assert_close(getattr(part, field), getattr(full, field), rtol=1e-5, atol=1e-6)
-    assert grads["all"].keys() == grads["targets"].keys() and "head.weight" in grads["all"]
-    for n, g in grads["all"].items():
-        torch.testing.assert_close(grads["targets"][n], g, rtol=1e-4, atol=1e-6, msg=n)
-    with pytest.raises(ValueError, match="logits must be 'all' or 'targets', got 'some'"):
+    full = outs["all"]
+    assert full.logits is not None
+    assert ("head.weight" in grads["all"]) == (tie == "false")
+    for mode in ("targets", "fused"):
+        part = outs[mode]
+        assert part.logits is None
+        for field in ("loss", "lm_loss", "aux_loss", "z_loss", "kind_sums_K2"):
+            torch.testing.assert_close(getattr(part, field), getattr(full, field), rtol=1e-5,
+                                       atol=1e-6, msg=f"{mode} {field}")
+        assert grads["all"].keys() == grads[mode].keys()
+        for n, g in grads["all"].items():
+            torch.testing.assert_close(grads[mode][n], g, rtol=1e-4, atol=1e-6, msg=f"{mode} {n}")
+    with pytest.raises(ValueError, match="logits must be 'all', 'targets' or 'fused', got 'some'"):
         build_model(cfg)(batch, logits="some")
 
 

@@ -309,14 +309,15 @@ def test_a_model_vocabulary_that_does_not_fit_the_data_is_refused(tmp_path, tiny
 
 
 def test_head_at_the_targets_trains_like_the_full_head(tmp_path, tiny_suite):
-    """head_logits=targets (the head only where the loss is taken) follows the full head's
-    losses over a few steps to float rounding; auto picks it on the CPU; a bad value is
-    refused with what is allowed."""
+    """head_logits=targets (the head only where the loss is taken) and fused (the head and
+    the cross-entropy in chunks) follow the full head's losses over a few steps to float
+    rounding; auto picks targets on the CPU; a bad value is refused with what is allowed."""
     path = write_config(tmp_path, tiny_suite)
     runs = {h: Trainer(load_train_config(path, ["steps=3", f"head_logits={h}"]),
-                       tmp_path / h).fit() for h in ("all", "targets")}
-    for key in ("loss", "eval/loss", "grad_norm"):
-        assert runs["targets"][key] == pytest.approx(runs["all"][key], rel=1e-4), key
+                       tmp_path / h).fit() for h in ("all", "targets", "fused")}
+    for head in ("targets", "fused"):
+        for key in ("loss", "eval/loss", "grad_norm"):
+            assert runs[head][key] == pytest.approx(runs["all"][key], rel=1e-4), (head, key)
     auto = Trainer(load_train_config(path, ["steps=1", "head_logits=auto"]), tmp_path / "auto")
     assert auto.objective.logits == "targets"
     with pytest.raises(ValueError, match=r"head_logits: 'some' is not allowed; allowed: \['auto'"):

@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed,
                    help=f"first rollout seed (default {d.seed}; must not overlap the collection's)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--graphs", action="store_true",
+                   help="CUDA-graphed control steps (with --device cuda; a dropless MoE "
+                        "without added experts)")
     p.add_argument("--threads", type=int, default=d.threads,
                    help=f"torch CPU threads (default {d.threads}: see EvalConfig)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                      temperature=args.temperature, prompt=args.prompt,
                      prompt_demos=args.prompt_demos, prompt_share=args.prompt_share,
                      max_steps=args.max_steps, seed=args.seed, device=args.device,
-                     threads=args.threads)
+                     graphs=args.graphs, threads=args.threads)
     doc = evaluate(args.checkpoint, data_dir=args.data, out=args.out, tasks=args.tasks, cfg=cfg,
                    progress=not args.no_progress)
     print(markdown(doc))

@@ -53,6 +53,9 @@ class EvalConfig:
     text_documents: int = 50          # held-out documents for perplexity (at most)
     validation_fraction: float = 0.1  # the data's validation split (as in the mixture)
     device: str = "cpu"
+    #: CUDA-graphed control steps (``Policy(graphs=True)``; on a CPU the same static step,
+    #: eagerly): the same actions up to float noise, so not part of ``settings``
+    graphs: bool = False
     #: torch CPU threads. 1 by default: the environments step in the same process, the
     #: per-token matmuls are small, and under load OpenMP's spin-waiting made two threads
     #: on this 2-core machine ~25x slower than one (measured on a BabyAI rollout)
@@ -79,7 +82,7 @@ class EvalConfig:
         """What makes a stored task result reusable (device and batching change no result
         beyond float noise, so they are not part of it)."""
         d = dataclasses.asdict(self)
-        for k in ("device", "batch_size", "threads"):
+        for k in ("device", "batch_size", "threads", "graphs"):
             d.pop(k)
         return d
 
@@ -118,7 +121,8 @@ def evaluate(checkpoint: str | Path, *, data_dir: str | Path, out: str | Path,
                                 f"(their expert and random returns are needed); run "
                                 f"`moe-gato collect --out {data_dir}` first")
     policy = Policy.from_checkpoint(checkpoint, device=cfg.device, temperature=cfg.temperature,
-                                    prompt_share=cfg.prompt_share, seed=cfg.seed)
+                                    prompt_share=cfg.prompt_share, seed=cfg.seed,
+                                    graphs=cfg.graphs)
     out = Path(out)
     (out / "tasks").mkdir(parents=True, exist_ok=True)
     settings = dict(cfg.settings(), checkpoint=str(Path(policy.checkpoint).resolve()))

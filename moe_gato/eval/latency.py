@@ -82,8 +82,9 @@ def observation(shape: str, rng: np.random.Generator) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------- measuring
 
-def make_policy(model, *, use_cache: bool = True, device: str = "cpu"):
-    """A greedy ``Policy`` for ``model`` on ``device`` (bf16 autocast on CUDA). A model whose text vocabulary is larger than
+def make_policy(model, *, use_cache: bool = True, device: str = "cpu", graphs: bool = False):
+    """A greedy ``Policy`` for ``model`` on ``device`` (bf16 autocast on CUDA; ``graphs``:
+    CUDA-graphed steps, ``Policy``'s option). A model whose text vocabulary is larger than
     the shipped SentencePiece model's (Gato's 32000) gets that tokenizer with the model's
     layout: its text ids are not the model's pieces, which does not change the cost."""
     from moe_gato.inference import Policy
@@ -96,7 +97,8 @@ def make_policy(model, *, use_cache: bool = True, device: str = "cpu"):
             raise ValueError(f"text_vocab_size {layout.text_vocab_size} is smaller than the "
                              f"shipped text model's {tok.layout.text_vocab_size}")
         tok.layout = layout
-    return Policy(model, device=device, temperature=0.0, use_cache=use_cache, tokenizer=tok)
+    return Policy(model, device=device, temperature=0.0, use_cache=use_cache, tokenizer=tok,
+                  graphs=graphs)
 
 
 class ControlLoop:

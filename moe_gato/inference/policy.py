@@ -58,9 +58,12 @@ class Policy:
     def __init__(self, model, *, device: str | torch.device | None = None,
                  temperature: float = 0.0, prompt_share: float = 0.25, use_cache: bool = True,
                  seed: int = 0, tokenizer: GatoTokenizer | None = None,
-                 context_length: int | None = None) -> None:
+                 context_length: int | None = None, graphs: bool = False) -> None:
         """``context_length``: positions the policy keeps (default: the model's, what it was
-        trained on; a longer one runs the model on windows it never saw)."""
+        trained on; a longer one runs the model on windows it never saw). ``graphs``: each
+        forward call shape of the loop is captured in a CUDA graph and replayed
+        (``moe_gato.inference.graphs``; on a CPU the same static-shape step runs eagerly);
+        needs the cache and a MoE without capacity drops or added experts."""
         if temperature < 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
         if not 0 <= prompt_share < 1:
@@ -82,6 +85,15 @@ class Policy:
         self.temperature = float(temperature)
         self.prompt_share = float(prompt_share)
         self.use_cache = use_cache
+        if graphs:
+            from moe_gato.inference.graphs import supports_graphs
+            if not use_cache:
+                raise ValueError("graphs=True needs use_cache=True (graphs replay cached steps)")
+            if not supports_graphs(model):
+                raise ValueError("graphs=True needs every MoE layer dropless (capacity_factor "
+                                 "null), without added experts or expert parallelism")
+        self.graphs = bool(graphs)
+        self.steps = None  # StepGraphs of the static cache (graphs=True)
         self.seed = int(seed)
         self.task: TaskInfo | None = None
 
@@ -132,7 +144,11 @@ class Policy:
         self.history = [[] for _ in self.rows]
         # evicted slots stay (masked) until the buffer fills and the live ones are compacted:
         # a quarter of a context of slack bounds both the copies and the masked attention
-        self.cache = self.model.new_cache(capacity=self.context_length * 5 // 4 + 64)
+        capacity = self.context_length * 5 // 4 + 64
+        if self.graphs:
+            self._static_cache(batch_size, capacity)
+        else:
+            self.cache = self.model.new_cache(capacity=capacity)
         if self.prompt is not None and self.use_cache:
             self.cache.reserve(len(self.prompt))
             self._forward([self.prompt] * batch_size, tag=PROMPT_TAG)
@@ -208,6 +224,21 @@ class Policy:
             parts.append(part)
         return TokenSequence.concat(parts)
 
+    def _static_cache(self, batch_size: int, capacity: int) -> None:
+        """The static cache and its graphs: kept from the last episode when its buffers
+        still fit (then the captured graphs replay on), else made anew."""
+        from moe_gato.inference.graphs import StepGraphs
+
+        cache = self.steps.cache if self.steps is not None else None
+        if (cache is not None and cache.valid_BC.shape == (batch_size, capacity)
+                and cache.generation == 0):
+            cache.clear()
+            self.cache = cache
+            return
+        self.cache = self.model.new_static_cache(rows=batch_size, capacity=capacity,
+                                                 device=self.device)
+        self.steps = StepGraphs(self.model, self.cache, capture=self.device.type == "cuda")
+
     def _keep_rows(self, rows: list[int]) -> None:
         index = {r: i for i, r in enumerate(self.rows)}
         missing = [r for r in rows if r not in index]
@@ -240,16 +271,11 @@ class Policy:
 
     def _evict(self, need: int) -> None:
         """Evicts the oldest whole timesteps until ``need`` more slots fit in the context."""
-        if self.cache.valid_BC is None:
-            if need > self.context_length:
-                self._too_long(need)
-            return
-        live_C = self.cache.valid_BC[:, :self.cache.length].any(0)
-        tags_C = self.cache.slot_tag_C[:self.cache.length]
+        live_C, tags_C = self.cache.live_tags()  # on the host
         live = int(live_C.sum())
         if live + need <= self.context_length:
             return
-        evict_C = torch.zeros_like(live_C)
+        evict_C = np.zeros_like(live_C)
         for t in sorted(set(tags_C[live_C & (tags_C >= 0)].tolist())):
             sel_C = live_C & (tags_C == t)
             evict_C |= sel_C
@@ -306,13 +332,16 @@ class Policy:
         batch = self._batch(seqs, lead)
         with self._autocast():
             if decode:
-                return self.model.generate(batch, decode, kind=self.action_kind,
-                                           num_choices=self.num_choices,
-                                           temperature=self.temperature, cache=self.cache,
-                                           generator=self.generator, feed_last=False)
+                return self.model.generate(
+                    batch, decode, kind=self.action_kind, num_choices=self.num_choices,
+                    temperature=self.temperature, cache=self.cache, generator=self.generator,
+                    feed_last=False, step_logits=self.steps.logits if self.graphs else None)
             start = self.cache.length
-            self.model(batch, cache=self.cache, compute_loss=False, last_only=True,
-                       id_range=(0, 1))
+            if self.graphs:  # once an episode: not worth a graph
+                self.steps.logits(batch, (0, 1), graph=False)
+            else:
+                self.model(batch, cache=self.cache, compute_loss=False, last_only=True,
+                           id_range=(0, 1))
         self.cache.tag(start, self.cache.length, tag)
         return None
 
@@ -321,8 +350,8 @@ class Policy:
             return self.model(self._batch(seqs), compute_loss=False, **kw)
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.device.type == "cuda":  # a graph must not keep autocast's cached casts
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not self.graphs)
         return torch.autocast("cpu", enabled=False)
 
     def _batch(self, seqs: list[TokenSequence], lead: list[TokenSequence] | None = None) -> dict:

@@ -7,6 +7,7 @@ call, Dh head width.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from moe_gato.model.positions import Rotary, coordinates, rotate
@@ -158,12 +159,22 @@ class KVCache:
             return 0
         return int(self.valid_BC[:, :self.length].any(0).sum())
 
+    def live_tags(self) -> tuple[np.ndarray, np.ndarray]:
+        """(live_S, tags_S) on the host over the written slots: live for some row (written
+        and not evicted), and each slot's tag (one read of the device)."""
+        S = self.length
+        if self.valid_BC is None:
+            return np.zeros(0, bool), np.zeros(0, np.int64)
+        return (self.valid_BC[:, :S].any(0).cpu().numpy(),
+                self.slot_tag_C[:S].cpu().numpy())
+
     def tag(self, start: int, stop: int, value: int) -> None:
         self.slot_tag_C[start:stop] = value
 
-    def evict(self, slots_C: torch.Tensor) -> None:
-        """Invalidates the written slots where ``slots_C`` (bool, over ``length``) is True,
-        then renumbers the live ones."""
+    def evict(self, slots_C) -> None:
+        """Invalidates the written slots where ``slots_C`` (bool over ``length``, a tensor
+        or a numpy array) is True, then renumbers the live ones."""
+        slots_C = torch.as_tensor(slots_C, device=self.valid_BC.device)
         self.valid_BC[:, :self.length] &= ~slots_C
         self._renumber()
 

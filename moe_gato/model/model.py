@@ -11,6 +11,7 @@ weighted by ``loss_weight[i + 1]`` when the batch has one (``target_weights``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -19,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_gato.model.config import SCALAR_VALUE_SCALES, ModelConfig
+from moe_gato.model.head import fused_linear_cross_entropy
 from moe_gato.model.kv_cache import KVCache, attention_mask, hidden_past_actions
 from moe_gato.model.moe import (ColumnRouting, FeedForward, GroupRouting, ModalityRoutedMoE,
                                 init_moe_)
@@ -86,6 +88,9 @@ class GatoEmbedding(nn.Module):
     the output head uses the same rows (``weight()``)."""
 
     uniform_graph: bool = False
+    #: skip the local-position check (``GatoModel.static_shapes``: a step replayed by a
+    #: CUDA graph cannot read the maximum back; the policy built the positions)
+    static_shapes: bool = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -108,6 +113,8 @@ class GatoEmbedding(nn.Module):
         the device runs on its own on an accelerator (reading the maximum back would stall
         the host; the loader and the policy check their timesteps' sizes beforehand)."""
         limit = self.cfg.max_local_positions
+        if self.static_shapes:
+            return
         if local_pos_BL.device.type != "cpu":
             torch._assert_async(local_pos_BL.max() < limit,
                                 f"a local position is >= max_local_positions ({limit})")
@@ -251,6 +258,10 @@ class GatoModel(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base) if cfg.positions == "rope" else None
         if cfg.positions == "timestep_bias":  # fixed, derived from the config: not saved
             self.register_buffer("step_slopes_H", step_slopes(cfg.num_heads), persistent=False)
+        # a buffer, not built per call: a tensor made from a list on a GPU is a blocking
+        # copy, which a CUDA graph cannot capture
+        self.register_buffer("action_kinds_K", torch.tensor([int(k) for k in ACTION_KINDS]),
+                             persistent=False)
         self.reset_parameters()
 
     def set_uniform_graph(self, uniform: bool) -> None:
@@ -261,6 +272,22 @@ class GatoModel(nn.Module):
         for module in self.modules():
             if isinstance(module, (GatoEmbedding, ModalityRoutedMoE)):
                 module.uniform_graph = bool(uniform)
+
+    @contextlib.contextmanager
+    def static_shapes(self):
+        """Inside: every op's shapes follow from the inputs' shapes, never from their data,
+        and nothing is read back to the host, so that a forward call can be captured in a
+        CUDA graph (``moe_gato.inference.graphs``): the MoE layers take the column-space
+        dispatch (``ModalityRoutedMoE.forward``) and the embedding skips its position check.
+        Use with a ``StaticKVCache``; inference only (no gradients)."""
+        modules = [m for m in self.modules() if isinstance(m, (GatoEmbedding, ModalityRoutedMoE))]
+        for m in modules:
+            m.static_shapes = True
+        try:
+            yield self
+        finally:
+            for m in modules:
+                m.static_shapes = False
 
     def reset_parameters(self) -> None:
         std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers)
@@ -289,9 +316,12 @@ class GatoModel(nn.Module):
         is taken (the text and action targets, ``batch["loss_mask"]``) and leaves
         ``ModelOutput.logits`` None: the same loss (to float rounding) for a fraction of the
         head's work, which dominates small models with a large vocabulary; it reads the
-        number of targets back to the host (a sync on a GPU)."""
-        if logits not in ("all", "targets"):
-            raise ValueError(f"logits must be 'all' or 'targets', got {logits!r}")
+        number of targets back to the host (a sync on a GPU). ``logits="fused"`` runs the
+        head and the cross-entropy together in chunks of positions
+        (``moe_gato.model.head``): every position, no logits tensor, no host read; the same
+        loss and gradients (to float rounding), ``ModelOutput.logits`` None."""
+        if logits not in ("all", "targets", "fused"):
+            raise ValueError(f"logits must be 'all', 'targets' or 'fused', got {logits!r}")
         kinds_BL = batch["kinds"]
         B, L = kinds_BL.shape
         attn = self._attention_inputs(batch, cache)
@@ -311,18 +341,14 @@ class GatoModel(nn.Module):
         if id_range is not None:
             weight_VD = weight_VD[id_range[0]:id_range[1]]
         losses = compute_loss and cache is None and L > 1 and not last_only and id_range is None
-        if logits == "targets" and losses:
+        if logits != "all" and losses:
             out = ModelOutput(logits=None, routing=routing)
-            self._losses(out, batch, head=(x_BLD, weight_VD))
+            self._losses(out, batch, head=(x_BLD, weight_VD), fused=logits == "fused")
             return out
         out = ModelOutput(logits=F.linear(x_BLD, weight_VD), routing=routing)
         if losses:
             self._losses(out, batch)
         return out
-
-    @staticmethod
-    def _action_kinds(device) -> torch.Tensor:
-        return torch.tensor([int(k) for k in ACTION_KINDS], device=device)
 
     def _attention_inputs(self, batch: dict, cache: KVCache | None) -> AttentionInputs:
         """The mask and position signals of this call, from each position's coordinates
@@ -336,7 +362,7 @@ class GatoModel(nn.Module):
                 return AttentionInputs()
             return AttentionInputs(mask=attention_mask(valid_BL, 0, L))
         starts_BL = timestep_starts(kinds_BL, batch["local_pos"])
-        is_action_BL = torch.isin(kinds_BL, self._action_kinds(kinds_BL.device))
+        is_action_BL = torch.isin(kinds_BL, self.action_kinds_K)
         if cache is not None:
             cache.begin(valid_BL, B, L, kinds_BL.device, starts_BL=starts_BL,
                         is_action_BL=is_action_BL)
@@ -359,10 +385,21 @@ class GatoModel(nn.Module):
         return attn
 
     def _losses(self, out: ModelOutput, batch: dict,
-                head: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                head: tuple[torch.Tensor, torch.Tensor] | None = None,
+                fused: bool = False) -> None:
         """The losses of ``out``; ``head`` = (final hidden states, head rows): the logits
-        are computed here, at the target positions only (``forward(logits="targets")``)."""
+        are computed here, at the target positions only (``forward(logits="targets")``),
+        or fused with the cross-entropy at every position (``fused``)."""
         targets_BL, mask_BL = batch["tokens"][:, 1:], batch["loss_mask"][:, 1:]
+        weight_BL = target_weights(batch)
+        if fused:
+            x_BLD, weight_VD = head
+            weighted, nll_N = fused_linear_cross_entropy(
+                x_BLD[:, :-1].flatten(0, 1), weight_VD, targets_BL.flatten(),
+                weight_BL.flatten())
+            out.lm_loss = weighted / weight_BL.sum().clamp(min=1e-12)
+            self._kind_and_aux_losses(out, batch, nll_N.view_as(targets_BL))
+            return
         if head is None:
             nll_BL = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1),
                                      targets_BL.flatten(), reduction="none").view_as(targets_BL)
@@ -372,8 +409,14 @@ class GatoModel(nn.Module):
             logits_NV = F.linear(x_BLD[:, :-1][rows], weight_VD)
             nll_N = F.cross_entropy(logits_NV.float(), targets_BL[rows], reduction="none")
             nll_BL = nll_N.new_zeros(targets_BL.shape).index_put(rows, nll_N)
-        weight_BL = target_weights(batch).to(nll_BL.dtype)
+        weight_BL = weight_BL.to(nll_BL.dtype)
         out.lm_loss = (nll_BL * weight_BL).sum() / weight_BL.sum().clamp(min=1e-12)
+        self._kind_and_aux_losses(out, batch, nll_BL)
+
+    def _kind_and_aux_losses(self, out: ModelOutput, batch: dict, nll_BL: torch.Tensor) -> None:
+        """Per target kind (sum, count) of ``nll_BL``, and the MoE auxiliary losses; then
+        ``out.loss``."""
+        mask_BL = batch["loss_mask"][:, 1:]
         # per target kind: (sum, count) by scatter, no host read
         kind_BL = torch.where(mask_BL, batch["kinds"][:, 1:], len(Kind))
         sums_K2 = nll_BL.new_zeros(len(Kind) + 1, 2).index_put_(
@@ -408,11 +451,18 @@ class GatoModel(nn.Module):
                        hide_past_actions=self.cfg.past_actions == "hide",
                        always_mask=self.cfg.positions == "timestep_bias", rotary=self.rotary)
 
+    def new_static_cache(self, *, rows: int, capacity: int, device) -> "StaticKVCache":
+        """A ``StaticKVCache`` for CUDA-graphed decoding (``moe_gato.inference.graphs``)."""
+        from moe_gato.model.static_cache import StaticKVCache
+        return StaticKVCache(self.cfg.num_layers, rows=rows, capacity=capacity, device=device,
+                             hide_past_actions=self.cfg.past_actions == "hide",
+                             rotary=self.rotary)
+
     @torch.no_grad()
     def generate(self, batch: dict, num_tokens: int, *, kind: Kind = Kind.DISCRETE_ACTION,
                  num_choices: int | None = None, temperature: float = 1.0,
                  cache: KVCache | None = None, generator: torch.Generator | None = None,
-                 feed_last: bool = True) -> torch.Tensor:
+                 feed_last: bool = True, step_logits=None) -> torch.Tensor:
         """Samples ``num_tokens`` tokens of ``kind`` (text or an action kind) after the
         prefix ``batch`` (all rows the same length; ``batch["valid"]`` marks padding),
         restricted to the kind's id range and to its first ``num_choices`` ids if given;
@@ -420,7 +470,10 @@ class GatoModel(nn.Module):
         ``batch`` continues the positions already in it, and on return the cache holds the
         prefix and the generated tokens — all of them, or all but the last when
         ``feed_last`` is False (a control loop feeds the last action with the next
-        observation, saving one forward pass per step)."""
+        observation, saving one forward pass per step). ``step_logits(batch, id_range)``:
+        what runs each forward call on the cache and returns its (B, N) last-position
+        logits (default: this model's forward; ``moe_gato.inference.graphs.StepGraphs``
+        replays captured CUDA graphs of it)."""
         kind = Kind(kind)
         if kind not in (Kind.TEXT, *ACTION_KINDS):
             raise ValueError(f"kind must be text or an action kind, got {kind.name}")
@@ -432,7 +485,10 @@ class GatoModel(nn.Module):
         if temperature < 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
         cache = cache if cache is not None else self.new_cache()
-        logits_BN = self(batch, cache=cache, last_only=True, id_range=(lo, hi)).logits[:, -1]
+        if step_logits is None:
+            def step_logits(b: dict, id_range: tuple[int, int]) -> torch.Tensor:
+                return self(b, cache=cache, last_only=True, id_range=id_range).logits[:, -1]
+        logits_BN = step_logits(batch, (lo, hi))
         B, device = logits_BN.shape[0], logits_BN.device
         local_pos_B = batch["local_pos"][:, -1]
         timestep_B1 = batch["timestep"][:, -1:]
@@ -454,7 +510,7 @@ class GatoModel(nn.Module):
                     "loss_mask": torch.zeros(B, 1, dtype=torch.bool, device=device),
                     "timestep": timestep_B1,
                     "image_rc": torch.zeros(B, 1, 4, device=device), "patches": None}
-            logits_BN = self(step, cache=cache, last_only=True, id_range=(lo, hi)).logits[:, -1]
+            logits_BN = step_logits(step, (lo, hi))
         return torch.stack(out, dim=1)
 
     # ---- accounting (see moe_gato.model.accounting) ----------------------------------

@@ -168,6 +168,9 @@ class ModalityRoutedMoE(nn.Module):
     #: run every group, with or without tokens, so that every rank builds the same backward
     #: graph; set by the training code (``GatoModel.set_uniform_graph``), never inferred
     uniform_graph: bool = False
+    #: shapes from the inputs' shapes only, no host read: the column-space dispatch for any
+    #: number of tokens (``GatoModel.static_shapes``, what a CUDA graph captures)
+    static_shapes: bool = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -189,9 +192,22 @@ class ModalityRoutedMoE(nn.Module):
             persistent=False)
         self.register_buffer("experts_G", torch.tensor(sizes, dtype=torch.float32),
                              persistent=False)
+        self._stacked: tuple[tuple, dict[str, torch.Tensor]] | None = None
+
+    def columns_supported(self) -> bool:
+        """The column-space dispatch can run this layer: dropless, no added experts, no
+        expert parallelism."""
+        return (self.moe.capacity_factor is None and not self.moe.added_experts
+                and all(g.expert_parallel is None for g in self.groups.values()))
 
     def forward(self, x_TD: torch.Tensor, kinds_T: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, GroupRouting]]:
+        if self.static_shapes:
+            if not self.columns_supported():
+                raise ValueError("static shapes need the column-space dispatch: a dropless "
+                                 "layer (capacity_factor null) without added experts or "
+                                 "expert parallelism")
+            return self._forward_columns(x_TD, kinds_T)
         if self._fast_path_applies(x_TD.shape[0]):
             return self._forward_few(x_TD, kinds_T)
         if self._columns_apply(x_TD):
@@ -229,8 +245,35 @@ class ModalityRoutedMoE(nn.Module):
         dispatch = self.moe.dispatch
         if dispatch == "groups" or (dispatch == "auto" and not x_TD.is_cuda):
             return False
-        return (self.moe.capacity_factor is None and not self.moe.added_experts
-                and all(g.expert_parallel is None for g in self.groups.values()))
+        return self.columns_supported()
+
+    def _column_weights(self, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """Every group's routers, balancing biases and experts (shared experts as one more
+        column each) stacked in column order; the experts in ``dtype`` (None: as they are).
+        With gradients the stacks are built per call (they must be part of the graph);
+        without, they are kept until a parameter changes, so that an inference step neither
+        copies every expert nor casts it again (and a CUDA graph replays the stacks it
+        captured)."""
+        groups = list(self.groups.values())
+        tensors = [t for g in groups for t in (g.router_ED, g.expert_bias_E, g.w1_EDF, g.w2_EFD)]
+        if self.moe.shared_expert:
+            tensors += [t for g in groups for t in (g.shared.fc1.weight, g.shared.fc2.weight)]
+        # a parameter changed in place bumps its version; moved or cast, its storage
+        key = (dtype, tuple((t.data_ptr(), t._version, t.dtype) for t in tensors))
+        if not torch.is_grad_enabled() and self._stacked is not None and self._stacked[0] == key:
+            return self._stacked[1]
+        w1s, w2s = [g.w1_EDF for g in groups], [g.w2_EFD for g in groups]
+        if self.moe.shared_expert:
+            w1s += [g.shared.fc1.weight.t()[None] for g in groups]
+            w2s += [g.shared.fc2.weight.t()[None] for g in groups]
+        w1_CDF, w2_CFD = torch.cat(w1s), torch.cat(w2s)
+        if dtype is not None:
+            w1_CDF, w2_CFD = w1_CDF.to(dtype), w2_CFD.to(dtype)
+        stacked = dict(router_CD=torch.cat([g.router_ED for g in groups]),
+                       bias_C=torch.cat([g.expert_bias_E for g in groups]),
+                       w1_CDF=w1_CDF, w2_CFD=w2_CFD)
+        self._stacked = None if torch.is_grad_enabled() else (key, stacked)
+        return stacked
 
     def _forward_columns(self, x_TD: torch.Tensor, kinds_T: torch.Tensor
                          ) -> tuple[torch.Tensor, ColumnRouting]:
@@ -244,12 +287,14 @@ class ModalityRoutedMoE(nn.Module):
         G, C = len(groups), self.offsets[-1]
         group_T = self.group_of_kind.index_select(0, kinds_T)
         other_TC = self.group_of_col[None, :] != group_T[:, None]   # columns of other groups
-        router_CD = torch.cat([g.router_ED for g in groups])
-        logits_TC = (x_TD.float() @ router_CD.float().t()).masked_fill(other_TC, -math.inf)
+        autocast = x_TD.is_cuda and torch.is_autocast_enabled("cuda")
+        stacked = self._column_weights(torch.get_autocast_dtype("cuda") if autocast else None)
+        logits_TC = (x_TD.float() @ stacked["router_CD"].float().t()).masked_fill(other_TC,
+                                                                                 -math.inf)
         probs_TC = logits_TC.softmax(dim=-1)
         select_TC = probs_TC
         if cfg.bias_balancing:
-            select_TC = probs_TC + torch.cat([g.expert_bias_E for g in groups])
+            select_TC = probs_TC + stacked["bias_C"]
         cols_TK = select_TC.masked_fill(other_TC, -math.inf).topk(K, dim=-1).indices
         gates_TK = probs_TC.gather(1, cols_TK)
         if cfg.renormalize:
@@ -266,14 +311,12 @@ class ModalityRoutedMoE(nn.Module):
         z_G = (logits_TC.new_zeros(G).index_add(0, group_T,
                                                 torch.logsumexp(logits_TC, dim=-1).square())
                / tokens_G.clamp(min=1))
-        w1s, w2s = [g.w1_EDF for g in groups], [g.w2_EFD for g in groups]
         ffn_cols_TK, ffn_gates_TK = cols_TK, gates_TK.to(x_TD.dtype)
         if cfg.shared_expert:  # group g's shared expert is column C + g, gate 1
-            w1s += [g.shared.fc1.weight.t()[None] for g in groups]
-            w2s += [g.shared.fc2.weight.t()[None] for g in groups]
             ffn_cols_TK = torch.cat([cols_TK, C + group_T[:, None]], dim=1)
             ffn_gates_TK = torch.cat([ffn_gates_TK, ffn_gates_TK.new_ones(len(group_T), 1)], 1)
-        y_TD = expert_ffn_columns(x_TD, ffn_cols_TK, ffn_gates_TK, torch.cat(w1s), torch.cat(w2s))
+        y_TD = expert_ffn_columns(x_TD, ffn_cols_TK, ffn_gates_TK, stacked["w1_CDF"],
+                                  stacked["w2_CFD"])
 
         def record(g: int) -> dict[str, torch.Tensor]:
             lo, hi = self.offsets[g], self.offsets[g + 1]

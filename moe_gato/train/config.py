@@ -101,9 +101,11 @@ class TrainConfig:
     #: position, as evaluation and distillation need them), or only the text and action
     #: "targets" the loss is taken on (the same loss to float rounding; on the 2-core CPU
     #: the head is most of a small model's step: benchmarks/RESULTS.md, bench_cpu_path);
-    #: "auto": targets on the CPU, all on a GPU (selecting the targets reads their count
-    #: back to the host, a sync the GPU step avoids)
-    head_logits: Literal["auto", "all", "targets"] = "all"
+    #: "fused": the head and the cross-entropy together in chunks of positions, every
+    #: position, no logits tensor and no host read (moe_gato.model.head); "auto": targets
+    #: on the CPU, fused on a GPU (selecting the targets reads their count back to the
+    #: host, a sync the GPU step avoids)
+    head_logits: Literal["auto", "all", "targets", "fused"] = "all"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 1

@@ -32,14 +32,15 @@ class ObjectivePart:
 class LanguageModelLoss:
     """Gato's objective: next-token cross-entropy on the text and action targets, plus the
     MoE auxiliary losses the model computes. ``logits``: where the head runs ("all"
-    positions, or only the "targets"; ``TrainConfig.head_logits``)."""
+    positions, only the "targets", or "fused" with the cross-entropy;
+    ``TrainConfig.head_logits``)."""
 
     def __init__(self, logits: str = "all") -> None:
-        if logits not in ("all", "targets"):
-            raise ValueError(f"logits must be 'all' or 'targets', got {logits!r}")
+        if logits not in ("all", "targets", "fused"):
+            raise ValueError(f"logits must be 'all', 'targets' or 'fused', got {logits!r}")
         self.logits = logits
 
     def __call__(self, model, batch: dict) -> ObjectivePart:
         # the keyword only when it asks for something: any model takes the plain call
-        out = model(batch) if self.logits == "all" else model(batch, logits="targets")
+        out = model(batch) if self.logits == "all" else model(batch, logits=self.logits)
         return ObjectivePart(loss=out.lm_loss, aux=out.aux_loss + out.z_loss, out=out)

@@ -163,7 +163,7 @@ class Trainer:
         self.dist = setup_distributed(cfg)
         head = cfg.head_logits
         if head == "auto":
-            head = "all" if self.dist.device.type == "cuda" else "targets"
+            head = "fused" if self.dist.device.type == "cuda" else "targets"
         #: what a step minimises (moe_gato.train.objective); Gato's next-token loss by default
         self.objective = objective or LanguageModelLoss(logits=head)
         self.data_dir = Path(data_dir or cfg.data.data_dir)

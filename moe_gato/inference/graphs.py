@@ -1,0 +1,111 @@
+"""CUDA-graphed control steps: each forward call of a control loop captured once, replayed.
+
+At batch 1 a control step is launch-bound on a GPU: a forward call is hundreds of small
+kernels, each a few microseconds of host work, and MoE layers add their routing and dispatch
+kernels on top (benchmarks/RESULTS.md: a MoE step was 1.7-2.2x its dense twin on an H100).
+A CUDA graph replays all of a call's kernels with one launch. It needs every shape fixed by
+the call's shape and no host read inside; ``StepGraphs`` provides both:
+
+- the KV cache is a ``StaticKVCache`` (fixed buffers, a device write position, host copies
+  of the eviction state), and the model runs under ``GatoModel.static_shapes`` (the MoE
+  layers take the column-space dispatch, which reads nothing back);
+- every call shape of a control loop (the observation chunk of a task, one action token)
+  gets one graph, captured at its first call after two eager warm-up calls (which the cache
+  rehearses: they leave it as it was), and replayed on copies of the inputs after;
+- sampling stays outside the graph (``GatoModel.generate`` with ``step_logits``), so
+  greedy and sampled actions use the same code as the eager policy.
+
+On a CPU there are no graphs: ``capture=False`` runs the same static-shape forward eagerly,
+which is what the tests compare with the dynamic cache.
+
+The graphs read the model's weights where they were at capture (the MoE layers' stacked
+experts included, kept alive here): a model changed afterwards needs a new ``StepGraphs``
+(``Policy.reset`` makes one per episode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from moe_gato.model.moe import ModalityRoutedMoE
+from moe_gato.model.static_cache import StaticKVCache
+
+
+def supports_graphs(model) -> bool:
+    """Every MoE layer of ``model`` can take the column-space dispatch (dropless, no added
+    experts, no expert parallelism)."""
+    return all(m.columns_supported() for m in model.modules() if isinstance(m, ModalityRoutedMoE))
+
+
+@dataclasses.dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]   # static copies the replay reads
+    logits: torch.Tensor              # (B, N) the replay writes
+    keep: list                        # tensors the graph reads that nothing else holds
+
+
+class StepGraphs:
+    """Forward calls of a control loop on ``cache``: ``logits(batch, id_range)`` -> (B, N)
+    logits of each row's last position for ids [lo, hi). ``capture``: CUDA graphs (needs a
+    CUDA model); else the static-shape forward runs eagerly."""
+
+    def __init__(self, model, cache: StaticKVCache, *, capture: bool, warmup: int = 2):
+        if not supports_graphs(model):
+            raise ValueError("CUDA-graphed steps need every MoE layer dropless "
+                             "(capacity_factor null), without added experts or expert "
+                             "parallelism")
+        if capture and not torch.cuda.is_available():
+            raise ValueError("capture=True needs CUDA; on a CPU use capture=False")
+        self.model, self.cache = model, cache
+        self.capture, self.warmup = capture, int(warmup)
+        self.graphs: dict[tuple, _Graph] = {}
+        self._generation = cache.generation
+        self.captures = self.replays = 0
+
+    def logits(self, batch: dict, id_range: tuple[int, int], *, graph: bool = True
+               ) -> torch.Tensor:
+        """``graph=False``: this call runs eagerly (a one-off shape, such as a prompt)."""
+        self.cache.prepare(batch["tokens"].shape[1])
+        if not (self.capture and graph):
+            return self._forward(batch, id_range)
+        if self.cache.generation != self._generation:  # rows dropped: new buffers
+            self.graphs.clear()
+            self._generation = self.cache.generation
+        inputs = {k: v for k, v in batch.items() if v is not None}
+        key = (tuple(id_range), tuple(sorted((k, tuple(v.shape), v.dtype)
+                                             for k, v in inputs.items())))
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(inputs, id_range)
+        for name, value in inputs.items():
+            entry.inputs[name].copy_(value, non_blocking=True)
+        entry.graph.replay()
+        self.cache.end()
+        self.replays += 1
+        return entry.logits.clone()
+
+    def _forward(self, batch: dict, id_range: tuple[int, int]) -> torch.Tensor:
+        with self.model.static_shapes():
+            out = self.model(batch, cache=self.cache, compute_loss=False, last_only=True,
+                             id_range=id_range)
+        return out.logits[:, -1]
+
+    def _capture(self, inputs: dict[str, torch.Tensor], id_range: tuple[int, int]) -> _Graph:
+        static = {k: v.clone() for k, v in inputs.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: allocations, lazy init, stacked experts
+            for _ in range(self.warmup):
+                with self.cache.rehearsal():
+                    self._forward(static, id_range)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with self.cache.rehearsal():
+            with torch.cuda.graph(graph):
+                logits = self._forward(static, id_range)
+        keep = [m._stacked for m in self.model.modules() if isinstance(m, ModalityRoutedMoE)]
+        self.captures += 1
+        return _Graph(graph=graph, inputs=static, logits=logits, keep=keep)
