@@ -205,6 +205,9 @@ def report(results, rounds_s, pairs, recompute, model_fit, params, args, load, m
     graphed = [(p, base(p)) for per in results.values() for p in per
                if p.endswith(GRAPHS) and base(p) in per]
     if graphed:
+        if TORCH_DEVICE == "cpu":
+            lines += ["", "On the CPU a `+graphs` entry is the static-shape step the graphs "
+                      "replay, run eagerly (there are no graphs on a CPU)."]
         lines += ["", "| graphed / eager step | shape | latency ratio (median of rounds) "
                   "[min-max] |", "|---|---|---|"]
         for shape in results:

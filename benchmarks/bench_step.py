@@ -5,6 +5,9 @@
 
 Checks, each a section of one RESULTS.md entry (the card's name in its header):
 
+The GPU path: the column dispatch, deferred reads, the planner and ``head_logits=auto``
+(the fused head on a GPU, the targets' head on the CPU).
+
 1. **Parity**: one fp32 step of the column dispatch with deferred reads (the GPU path)
    against the per-group dispatch read every step (the CPU path, as before), same weights
    and batch: loss, balancing loss and gradient norm, relative difference (target <= 1e-5);
@@ -88,7 +91,8 @@ def relative(a: float, b: float) -> float:
 def parity(args) -> list[str]:
     """fp32 one-step parity, then a bf16 run of each path against the seed band."""
     old = trainer(args.data, args.device, ["model.moe.dispatch=groups", "seed=0"])
-    new = trainer(args.data, args.device, ["model.moe.dispatch=columns", "seed=0"])
+    new = trainer(args.data, args.device, ["model.moe.dispatch=columns", "head_logits=auto",
+                                           "seed=0"])
     new.model.load_state_dict(old.model.state_dict())
     new.defer_reads = True
     autocast = {}
@@ -123,7 +127,8 @@ def parity(args) -> list[str]:
 
 
 def syncs(args) -> list[str]:
-    t = trainer(args.data, args.device, ["model.moe.dispatch=columns", "batches=planner"])
+    t = trainer(args.data, args.device, ["model.moe.dispatch=columns", "batches=planner",
+                                         "head_logits=fused"])  # the GPU's auto, anywhere
     t.defer_reads = True
     t.read(t.step_async())  # optimizer state and gradients allocated
     t.read(t.step_async())
@@ -152,8 +157,8 @@ def syncs(args) -> list[str]:
 def throughput(args) -> list[str]:
     paths = {"CPU path (per-group dispatch, read every step, loader)":
              ["model.moe.dispatch=groups", "batches=loader"],
-             "GPU path (column dispatch, deferred reads, planner)":
-             ["model.moe.dispatch=columns", "batches=planner"]}
+             "GPU path (column dispatch, deferred reads, planner, head auto)":
+             ["model.moe.dispatch=columns", "batches=planner", "head_logits=auto"]}
     trainers = {}
     for name, extra in paths.items():
         t = trainer(args.data, args.device, [*extra, f"log_every={args.log_every}",
@@ -177,10 +182,10 @@ def throughput(args) -> list[str]:
     lines = [f"tiny-moe, context {cfg.data.context_len}, batch {cfg.batch_size}, {args.rounds} "
              f"interleaved rounds of {args.steps} steps, data_workers {args.workers}, log every "
              f"{args.log_every}:", "", *rate_table("path", "tokens/s", rates, "GPU path / CPU path")]
-    if args.device == "cuda" and not args.quick:
+    if args.device == "cuda" and not (args.quick or args.no_mfu):
         lines += ["", "| preset | tokens/s | MFU (dense bf16 peak) |", "|---|---:|---:|"]
         for preset in ("tiny-moe", "gato-25m-moe", "gato-79m-moe"):
-            t = trainer(args.data, args.device, ["model.moe.dispatch=columns",
+            t = trainer(args.data, args.device, ["model.moe.dispatch=columns", "head_logits=auto",
                                                  f"log_every={args.log_every}"], preset)
             t.read(t.step_async())
             records = []
@@ -234,6 +239,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--no-mfu", action="store_true",
+                   help="throughput: the two paths only, not the MFU of the larger presets")
     p.add_argument("--no-save", action="store_true", help="print only")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of the recipe (configs/train/tiny-moe.yaml), e.g. batch_size=16")

@@ -18,7 +18,8 @@
 #   3. bench_latency.py --device cuda --graphs: batch-1 control steps of the presets, eager
 #      and CUDA-graphed, MoE / dense twin and graphed / eager;
 #   4. bench_kernels.py --quick: permute / un-permute and grouped GEMM against the peaks;
-#   5. bench_latency.py on gato-1.18b-moe and its dense twin, graphed (the >= 100 Hz target).
+#   5. bench_latency.py on gato-1.18b-moe and its dense twin, graphed (the >= 100 Hz target);
+#   6. bench_step.py's throughput with every block compiled (compile=blocks), both paths.
 # The device tool call (15 minutes of device time in all; leave room to rerun):
 #   run(command="bash benchmarks/gpu_check.sh run", carry=[".whl", ".gpu"], timeout_s=540)
 set -uo pipefail
@@ -86,6 +87,9 @@ case "$mode" in
       step "1.18B control step" 120 "$PY" benchmarks/bench_latency.py --device cuda --graphs \
         --presets gato-1.18b-moe gato-1.18b-dense --shapes metaworld --steps 40 --rounds 2 \
         --recompute-steps 0
+      step "compiled blocks" 150 "$PY" benchmarks/bench_step.py --data "$data" \
+        --mixture configs/data/micro.yaml --device cuda --only throughput --no-mfu \
+        --steps 20 --rounds 3 compile=blocks
     fi
     [ -n "$OUT" ] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
     grep -c "^=== .*: exit 0$" "$log" | sed 's/^/checks that exited 0: /'

@@ -324,6 +324,29 @@ def test_head_at_the_targets_trains_like_the_full_head(tmp_path, tiny_suite):
         load_train_config(path, ["head_logits=some"])
 
 
+def test_compiled_blocks_train_like_eager_ones(tmp_path, tiny_suite):
+    """compile: blocks (torch.compile of each block, in place) gives the eager run's losses
+    and gradient norms over a few steps to float rounding, and checkpoints with the same
+    parameter names; with expert parallelism it is refused with what to do instead."""
+    from safetensors import safe_open
+
+    path = write_config(tmp_path, tiny_suite)
+    extra = ["steps=3", "eval_every=3", "checkpoint_every=3"]
+    runs = {c: Trainer(load_train_config(path, [*extra, f"compile={c}"]), tmp_path / c).fit()
+            for c in ("none", "blocks")}
+    for key in ("loss", "eval/loss", "grad_norm"):
+        assert runs["blocks"][key] == pytest.approx(runs["none"][key], rel=1e-4), key
+    names = {}
+    for c in ("none", "blocks"):
+        with safe_open(str(tmp_path / c / "checkpoints" / "step_00000003" / "model.safetensors"),
+                       "pt") as f:
+            names[c] = set(f.keys())
+    assert names["blocks"] == names["none"] and not any("_orig_mod" in n for n in names["none"])
+    with pytest.raises(ValueError, match="compile: blocks is not supported with "
+                                         "expert_parallel_size > 1"):
+        load_train_config(path, ["compile=blocks", "expert_parallel_size=2"])
+
+
 # ------------------------------------------------------------- the loop's parts
 def test_the_objective_is_a_part_the_loop_takes(tmp_path, tiny_suite):
     """A step minimises whatever objective the trainer is given; its named parts are

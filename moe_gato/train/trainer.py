@@ -172,6 +172,9 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.dist.device)
         if init_model is not None:  # before the optimizer (and DeepSpeed's copies) exist
             init_model(self.model)
+        if cfg.compile == "blocks":  # in place: the parameters and their names stay
+            for block in self.model.blocks:
+                block.compile()
         # fused on a GPU: one kernel for all parameters, its step counts on the device
         fused = {"fused": True} if self.dist.device.type == "cuda" else {}
         self.engine, self.optimizer = parallelize(self.model, cfg, self.dist, lambda m: (
