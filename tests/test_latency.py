@@ -140,3 +140,19 @@ def test_cli_subcommand_is_thin(tmp_path, capsys):
     assert rc == 0
     assert "Hz" in capsys.readouterr().out
     assert json.loads(out.read_text())["steps"] == 2
+
+
+def test_cli_graphs_and_devices(tmp_path, capsys):
+    """``bench-latency --graphs`` times the static step the graphs replay (eagerly on a CPU);
+    a CUDA device that is not there is a clear error."""
+    from moe_gato.cli import main
+
+    preset = tmp_path / "tiny.yaml"
+    text = (PRESETS / "tiny-moe.yaml").read_text()
+    preset.write_text(text.replace("context_length: 1024", "context_length: 128"))
+    rc = main(["bench-latency", "--preset", str(preset), "--steps", "2", "--warmup", "0",
+               "--threads", "1", "--graphs"])
+    assert rc == 0 and "cache on, graphs" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert main(["bench-latency", "--preset", str(preset), "--device", "cuda"]) == 2
+        assert "no CUDA device is visible" in capsys.readouterr().err

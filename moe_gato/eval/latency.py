@@ -186,11 +186,13 @@ def summarize(times_s: list[float], **kw) -> LatencyResult:
 
 def measure_control_latency(model_or_policy, shape: str = "metaworld", steps: int = 200, *,
                             warmup: int = 5, threads: int | None = None, seed: int = 0,
-                            use_cache: bool = True) -> LatencyResult:
-    """Batch-1 control-step latency of a ``GatoModel`` (wrapped in a greedy CPU ``Policy``)
-    or of a ``Policy``, with the context already full: p50 / p99 over ``steps`` steps.
-    ``threads`` sets torch's intra-op threads (default: leave as is). ``use_cache=False``
-    times the recompute policy (the whole window per token) when given a model."""
+                            use_cache: bool = True, device: str = "cpu",
+                            graphs: bool = False) -> LatencyResult:
+    """Batch-1 control-step latency of a ``GatoModel`` (wrapped in a greedy ``Policy`` on
+    ``device``, CUDA-graphed with ``graphs``) or of a ``Policy``, with the context already
+    full: p50 / p99 over ``steps`` steps. ``threads`` sets torch's intra-op threads
+    (default: leave as is). ``use_cache=False`` times the recompute policy (the whole window
+    per token) when given a model."""
     import torch
 
     _check_shape(shape)
@@ -204,7 +206,8 @@ def measure_control_latency(model_or_policy, shape: str = "metaworld", steps: in
         torch.set_num_threads(threads)
     policy = model_or_policy
     if isinstance(model_or_policy, torch.nn.Module):
-        policy = make_policy(model_or_policy, use_cache=use_cache)
+        policy = make_policy(model_or_policy.to(device), use_cache=use_cache, device=device,
+                             graphs=graphs)
     elif not hasattr(policy, "act") or not hasattr(policy, "reset"):
         raise ValueError(f"model_or_policy must be a GatoModel or a Policy, "
                          f"got {type(policy).__name__}")
@@ -348,6 +351,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--recompute", action="store_true",
                    help="time the policy without a KV cache (the whole window per token)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the policy runs (cuda: bf16 autocast)")
+    p.add_argument("--graphs", action="store_true",
+                   help="CUDA-graphed steps (Policy(graphs=True); on a CPU the static step "
+                        "the graphs replay, eagerly)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the result to this JSON file")
 
@@ -355,21 +363,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible (use --device cpu)")
+
     if args.preset:
         from moe_gato.model import build_model, load_config
         torch.manual_seed(args.seed)
         target = build_model(load_config(args.preset)).eval()
     else:
         from moe_gato.inference import Policy
-        target = Policy.from_checkpoint(args.checkpoint, device="cpu",
-                                        use_cache=not args.recompute)
+        target = Policy.from_checkpoint(args.checkpoint, device=args.device,
+                                        use_cache=not args.recompute, graphs=args.graphs)
     result = measure_control_latency(target, args.shape, args.steps, warmup=args.warmup,
                                      threads=args.threads, seed=args.seed,
-                                     use_cache=not args.recompute)
+                                     use_cache=not args.recompute, device=args.device,
+                                     graphs=args.graphs)
     print(f"{args.preset or args.checkpoint} {args.shape}: p50 {result.p50_ms:.2f} ms "
           f"({result.hz_p50:.1f} Hz), p99 {result.p99_ms:.2f} ms ({result.hz_p99:.1f} Hz), "
           f"{result.steps} steps, context {result.context_tokens:.0f} tokens, "
-          f"{result.threads} threads, cache {'on' if result.use_cache else 'off'}, "
+          f"{result.threads} threads, cache {'on' if result.use_cache else 'off'}"
+          f"{', graphs' if args.graphs else ''}, "
           f"OMP_WAIT_POLICY={result.omp_wait_policy}")
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(times=True), indent=1))

@@ -39,6 +39,11 @@ def supports_graphs(model) -> bool:
     return all(m.columns_supported() for m in model.modules() if isinstance(m, ModalityRoutedMoE))
 
 
+#: graphs kept at once (an evaluation over many tasks meets many call shapes); the oldest
+#: is let go first, and captured again if its shape comes back
+MAX_GRAPHS = 16
+
+
 @dataclasses.dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -79,6 +84,8 @@ class StepGraphs:
                                              for k, v in inputs.items())))
         entry = self.graphs.get(key)
         if entry is None:
+            if len(self.graphs) >= MAX_GRAPHS:
+                del self.graphs[next(iter(self.graphs))]
             entry = self.graphs[key] = self._capture(inputs, id_range)
         for name, value in inputs.items():
             entry.inputs[name].copy_(value, non_blocking=True)

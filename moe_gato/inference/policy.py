@@ -27,6 +27,11 @@ Batches. ``reset(task, batch_size=N)`` then ``act_batch`` steps N environments o
 with one forward pass per token for all of them. Rows whose observation has fewer tokens
 (a shorter BabyAI mission) are left-padded, and padding is invisible to every other
 position; rows whose episode ended are dropped from the batch and the cache.
+
+CUDA graphs. ``Policy(graphs=True)`` keeps the cache in fixed buffers (``StaticKVCache``) and
+runs each forward call shape of the loop (a task's observation chunk, one action token) as a
+captured CUDA graph (``moe_gato.inference.graphs``); on a CPU the same static-shape step runs
+eagerly. The actions are those of the dynamic cache (tests/test_graphs.py).
 """
 
 from __future__ import annotations
