@@ -206,3 +206,24 @@ def test_stacked_experts_follow_the_parameters():
     with torch.enable_grad():
         assert moe._column_weights(None)["w1_CDF"].requires_grad
     assert moe._stacked is None  # nothing kept from a step with gradients
+
+
+def test_autocast_weights_change_nothing_under_autocast():
+    """The copies a graph is captured with give autocast's results bit for bit (CPU autocast
+    casts linear weights as CUDA's does), and the original parameters come back."""
+    from moe_gato.inference.graphs import autocast_weights
+
+    model = _model()
+    batch = make_batch(model.cfg, batch=2, length=30)
+    params = {n: p for n, p in model.named_parameters()}
+    copies = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(batch, compute_loss=False).logits
+        with autocast_weights(model, torch.bfloat16, copies):
+            assert model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+            got = model(batch, compute_loss=False).logits
+        with autocast_weights(model, torch.bfloat16, copies):  # the same copies again
+            assert model.blocks[0].attn.qkv.weight.data_ptr() == copies["blocks.0.attn.qkv"].data_ptr()
+    assert torch.equal(got, want) and len(copies) >= 4
+    assert all(params[n] is p for n, p in model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -13,7 +13,12 @@ the call's shape and no host read inside; ``StepGraphs`` provides both:
   gets one graph, captured at its first call after two eager warm-up calls (which the cache
   rehearses: they leave it as it was), and replayed on copies of the inputs after;
 - sampling stays outside the graph (``GatoModel.generate`` with ``step_logits``), so
-  greedy and sampled actions use the same code as the eager policy.
+  greedy and sampled actions use the same code as the eager policy;
+- under autocast a graph cannot keep autocast's cached casts, so it would cast every
+  linear layer's weights again at every replay (for gato-1.18b ~0.8B dense parameters, four
+  times the bytes of the matmuls themselves): the graphs are captured with the linear
+  weights swapped for copies in autocast's dtype, made once (``autocast_weights``). Autocast
+  would have made the same copies, so the results are bit for bit those of the eager step.
 
 On a CPU there are no graphs: ``capture=False`` runs the same static-shape forward eagerly,
 which is what the tests compare with the dynamic cache.
@@ -25,9 +30,11 @@ experts included, kept alive here): a model changed afterwards needs a new ``Ste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
+import torch.nn as nn
 
 from moe_gato.model.moe import ModalityRoutedMoE
 from moe_gato.model.static_cache import StaticKVCache
@@ -69,6 +76,7 @@ class StepGraphs:
         self.graphs: dict[tuple, _Graph] = {}
         self._generation = cache.generation
         self.captures = self.replays = 0
+        self._low: dict[str, torch.Tensor] = {}  # linear weights in autocast's dtype
 
     def logits(self, batch: dict, id_range: tuple[int, int], *, graph: bool = True
                ) -> torch.Tensor:
@@ -110,9 +118,33 @@ class StepGraphs:
                     self._forward(static, id_range)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with self.cache.rehearsal():
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        with self.cache.rehearsal(), autocast_weights(self.model, dtype, self._low):
             with torch.cuda.graph(graph):
                 logits = self._forward(static, id_range)
         keep = [m._stacked for m in self.model.modules() if isinstance(m, ModalityRoutedMoE)]
         self.captures += 1
         return _Graph(graph=graph, inputs=static, logits=logits, keep=keep)
+
+
+@contextlib.contextmanager
+def autocast_weights(model: nn.Module, dtype: torch.dtype | None,
+                     copies: dict[str, torch.Tensor]):
+    """Inside, every ``nn.Linear`` of ``model`` holds its weight in ``dtype`` (autocast's),
+    from ``copies`` (filled on first use: a copy made once, kept by the caller); afterwards
+    the original parameters are back. Under autocast a linear layer casts its weight to that
+    dtype anyway, so its results do not change; what changes is that a graph captured inside
+    reads the copies instead of casting at every replay. ``dtype`` None: nothing swapped."""
+    swapped = []
+    if dtype is not None:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and module.weight.dtype != dtype:
+                if name not in copies:
+                    copies[name] = module.weight.detach().to(dtype)
+                swapped.append((module, module.weight))
+                module._parameters["weight"] = nn.Parameter(copies[name], requires_grad=False)
+    try:
+        yield
+    finally:
+        for module, weight in swapped:
+            module._parameters["weight"] = weight
