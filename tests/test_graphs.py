@@ -227,3 +227,18 @@ def test_autocast_weights_change_nothing_under_autocast():
     assert torch.equal(got, want) and len(copies) >= 4
     assert all(params[n] is p for n, p in model.named_parameters())
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_value_embedding_rows_follow_the_parameters():
+    """Without gradients the smooth value embedding's rows are kept between calls and
+    rebuilt when a parameter changes; with gradients they are part of the graph."""
+    model = _model("value_embedding=smooth")
+    with torch.no_grad():
+        first = model.embed.weight()
+        assert model.embed.weight() is first
+        model.embed.value_basis.add_(0.5)
+        second = model.embed.weight()
+        assert second is not first and not torch.equal(second, first)
+    with torch.enable_grad():
+        assert model.embed.weight().requires_grad
+    assert model.embed._rows is None

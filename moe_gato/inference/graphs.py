@@ -24,7 +24,7 @@ On a CPU there are no graphs: ``capture=False`` runs the same static-shape forwa
 which is what the tests compare with the dynamic cache.
 
 The graphs read the model's weights where they were at capture (the MoE layers' stacked
-experts included, kept alive here): a model changed afterwards needs a new ``StepGraphs``
+experts and the value embedding's rows included, kept alive here): a model changed afterwards needs a new ``StepGraphs``
 (``Policy.reset`` makes one per episode).
 """
 
@@ -123,6 +123,7 @@ class StepGraphs:
             with torch.cuda.graph(graph):
                 logits = self._forward(static, id_range)
         keep = [m._stacked for m in self.model.modules() if isinstance(m, ModalityRoutedMoE)]
+        keep.append(self.model.embed._rows)  # the value embedding's rows, if it has them
         self.captures += 1
         return _Graph(graph=graph, inputs=static, logits=logits, keep=keep)
 

@@ -102,6 +102,7 @@ class GatoEmbedding(nn.Module):
         self.local_pos = nn.Embedding(cfg.max_local_positions, cfg.d_model)
         self.action_pos_D = nn.Parameter(torch.zeros(cfg.d_model))
         self.value_basis = None
+        self._rows: tuple[tuple, torch.Tensor] | None = None  # weight() without gradients
         if cfg.value_embedding != "table":
             self.value_basis = nn.Parameter(torch.zeros(cfg.num_value_features, cfg.d_model))
             features_BF = (value_features(cfg.num_bins, cfg.value_features)
@@ -123,14 +124,21 @@ class GatoEmbedding(nn.Module):
                              f"max_local_positions ({limit})")
 
     def weight(self) -> torch.Tensor:
-        """(V, D) rows of every token id, as the input embedding and a tied head use them."""
+        """(V, D) rows of every token id, as the input embedding and a tied head use them.
+        Without gradients the rows of a value embedding are kept until a parameter changes,
+        so that a decode step does not copy the whole table (nor a CUDA graph replay it)."""
         w_VD = self.tokens.weight
         if self.value_basis is None:
             return w_VD
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in (w_VD, self.value_basis))
+        if not torch.is_grad_enabled() and self._rows is not None and self._rows[0] == key:
+            return self._rows[1]
         lo = self.cfg.layout.continuous_start
         hi = lo + self.cfg.num_bins
         smooth_BD = self.value_features_BF.to(w_VD.dtype) @ self.value_basis
-        return torch.cat([w_VD[:lo], w_VD[lo:hi] + smooth_BD, w_VD[hi:]])
+        rows_VD = torch.cat([w_VD[:lo], w_VD[lo:hi] + smooth_BD, w_VD[hi:]])
+        self._rows = None if torch.is_grad_enabled() else (key, rows_VD)
+        return rows_VD
 
     def _bins(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """Interval [lo, hi) in [0, 1] -> bin: uniform within it at training, mean at eval."""
