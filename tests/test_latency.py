@@ -150,9 +150,11 @@ def test_cli_graphs_and_devices(tmp_path, capsys):
     preset = tmp_path / "tiny.yaml"
     text = (PRESETS / "tiny-moe.yaml").read_text()
     preset.write_text(text.replace("context_length: 1024", "context_length: 128"))
+    out = tmp_path / "new" / "folder" / "r.json"  # folders made as needed
     rc = main(["bench-latency", "--preset", str(preset), "--steps", "2", "--warmup", "0",
-               "--threads", "1", "--graphs"])
+               "--threads", "1", "--graphs", "--json", str(out)])
     assert rc == 0 and "cache on, graphs" in capsys.readouterr().out
+    assert json.loads(out.read_text())["steps"] == 2
     if not torch.cuda.is_available():
         assert main(["bench-latency", "--preset", str(preset), "--device", "cuda"]) == 2
         assert "no CUDA device is visible" in capsys.readouterr().err

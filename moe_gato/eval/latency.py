@@ -385,6 +385,7 @@ def run(args: argparse.Namespace) -> int:
           f"{', graphs' if args.graphs else ''}, "
           f"OMP_WAIT_POLICY={result.omp_wait_policy}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result.to_dict(times=True), indent=1))
     return 0
 
