@@ -110,15 +110,17 @@ class StepGraphs:
 
     def _capture(self, inputs: dict[str, torch.Tensor], id_range: tuple[int, int]) -> _Graph:
         static = {k: v.clone() for k, v in inputs.items()}
+        # warm-up and capture with the same weights: stacks built from them (a shared
+        # expert's) are then made in the warm-up, not captured
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: allocations, lazy init, stacked experts
             for _ in range(self.warmup):
-                with self.cache.rehearsal():
+                with self.cache.rehearsal(), autocast_weights(self.model, dtype, self._low):
                     self._forward(static, id_range)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         with self.cache.rehearsal(), autocast_weights(self.model, dtype, self._low):
             with torch.cuda.graph(graph):
                 logits = self._forward(static, id_range)
