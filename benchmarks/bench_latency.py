@@ -21,7 +21,8 @@ rounds of the paired per-round p50 ratio, with [min-max]. The cache / recompute 
 uses the recompute policy (the whole window per decoded token, no cache) at a full context.
 ``--graphs`` adds each preset's CUDA-graphed policy (``Policy(graphs=True)``, entries
 ``<preset>+graphs``, interleaved with the rest; on a CPU the static-shape step it replays,
-eagerly): its MoE / dense ratio and its speed-up over the eager step. The latency model is then fitted to every (preset, shape) p50 and written per device
+eagerly): its MoE / dense ratio and its speed-up over the eager step. The latency model is
+then fitted to every (preset, shape) p50 and written per device
 (``cpu-2core`` here; ``cuda-<card>``, e.g. ``cuda-nvidia-h100-80gb-hbm3``, with ``--device
 cuda``, where the step ends when its action is back on the host).
 

@@ -223,7 +223,8 @@ def test_autocast_weights_change_nothing_under_autocast():
             assert model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
             got = model(batch, compute_loss=False).logits
         with autocast_weights(model, torch.bfloat16, copies):  # the same copies again
-            assert model.blocks[0].attn.qkv.weight.data_ptr() == copies["blocks.0.attn.qkv"].data_ptr()
+            qkv = model.blocks[0].attn.qkv.weight
+            assert qkv.data_ptr() == copies["blocks.0.attn.qkv"].data_ptr()
     assert torch.equal(got, want) and len(copies) >= 4
     assert all(params[n] is p for n, p in model.named_parameters())
     assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -42,5 +42,6 @@ def test_fused_without_gradients_and_bad_shapes():
     with torch.no_grad():
         total, nll = fused_linear_cross_entropy(x, w, t, wt, chunk=2)
     torch.testing.assert_close(total, reference_linear_cross_entropy(x, w, t, wt)[0])
-    with pytest.raises(ValueError, match=r"x must be \(N, D\) and w \(V, D\), got \(5, 4\) and \(9, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"x must be \(N, D\) and w \(V, D\), got \(5, 4\) and \(9, 3\)"):
         fused_linear_cross_entropy(x, torch.randn(9, 3), t, wt)

@@ -24,8 +24,8 @@ On a CPU there are no graphs: ``capture=False`` runs the same static-shape forwa
 which is what the tests compare with the dynamic cache.
 
 The graphs read the model's weights where they were at capture (the MoE layers' stacked
-experts and the value embedding's rows included, kept alive here): a model changed afterwards needs a new ``StepGraphs``
-(``Policy.reset`` makes one per episode).
+experts and the value embedding's rows included, kept alive here): a model changed
+afterwards needs a new ``StepGraphs`` (a new ``Policy``).
 """
 
 from __future__ import annotations

@@ -195,11 +195,28 @@ class KVCache:
 
     def _renumber(self) -> None:
         """Live slots get the coordinates of their order among the row's live slots, plus a
-        per-row constant that keeps the row's newest live slot where it is."""
+        per-row constant that keeps the row's newest live slot where it is; rotary keys of
+        the slots that moved are rotated by their shift."""
+        S = self.length
+        if S == 0 or not bool(self.valid_BC[:, :S].any()):
+            return
+        shift_BS = self._renumber_coordinates()
+        if self.rotary is None:
+            return
+        moved_n = shift_BS.any(0).nonzero().squeeze(1)
+        if moved_n.numel() == 0:
+            return
+        cos_B1nd, sin_B1nd = self.rotary.cos_sin(shift_BS[:, moved_n])
+        for k in self.k:
+            if k is not None:
+                k[:, :, moved_n] = rotate(k[:, :, moved_n], cos_B1nd, sin_B1nd)
+
+    def _renumber_coordinates(self) -> torch.Tensor:
+        """``_renumber``'s coordinates, in place and without a host read; returns each
+        written slot's position shift (B, S), 0 where a slot is not live or did not move (a
+        row with no live slot keeps its numbers)."""
         S = self.length
         valid_BS = self.valid_BC[:, :S]
-        if S == 0 or not bool(valid_BS.any()):
-            return
         live_pos_BS = valid_BS.long().cumsum(1)
         live_step_BS = (self.slot_start_BC[:, :S] & valid_BS).long().cumsum(1)
         newest_B = S - 1 - valid_BS.flip(1).long().argmax(1)
@@ -211,15 +228,7 @@ class KVCache:
         shift_BS = torch.where(valid_BS, new_pos_BS - pos_BS, 0)
         pos_BS.copy_(torch.where(valid_BS, new_pos_BS, pos_BS))
         step_BS.copy_(torch.where(valid_BS, new_step_BS, step_BS))
-        if self.rotary is None:
-            return
-        moved_n = shift_BS.any(0).nonzero().squeeze(1)
-        if moved_n.numel() == 0:
-            return
-        cos_B1nd, sin_B1nd = self.rotary.cos_sin(shift_BS[:, moved_n])
-        for k in self.k:
-            if k is not None:
-                k[:, :, moved_n] = rotate(k[:, :, moved_n], cos_B1nd, sin_B1nd)
+        return shift_BS
 
     def _compact(self, incoming: int) -> None:
         """Moves live slots to the front in order; grows the buffer when still too small."""

@@ -186,25 +186,13 @@ class StaticKVCache(KVCache):
         self.live_C[:S] &= self.valid_BC[:, :S].any(0).cpu().numpy()
 
     def _renumber_static(self, moved: bool) -> None:
-        """``KVCache._renumber`` without its host reads: a row with no live slot is left
-        alone by ``where``; the keys are rotated only when the host knows slots may move,
-        and then all of them (by zero where nothing moved, which leaves a key exact)."""
-        S = self.length
-        valid_BS = self.valid_BC[:, :S]
-        live_pos_BS = valid_BS.long().cumsum(1)
-        live_step_BS = (self.slot_start_BC[:, :S] & valid_BS).long().cumsum(1)
-        newest_B = S - 1 - valid_BS.flip(1).long().argmax(1)
-        rows_B = torch.arange(valid_BS.shape[0], device=valid_BS.device)
-        pos_BS, step_BS = self.slot_pos_BC[:, :S], self.slot_step_BC[:, :S]
-        new_pos_BS = live_pos_BS + (pos_BS[rows_B, newest_B]
-                                    - live_pos_BS[rows_B, newest_B])[:, None]
-        new_step_BS = live_step_BS + (step_BS[rows_B, newest_B]
-                                      - live_step_BS[rows_B, newest_B])[:, None]
-        shift_BS = torch.where(valid_BS, new_pos_BS - pos_BS, 0)
-        pos_BS.copy_(torch.where(valid_BS, new_pos_BS, pos_BS))
-        step_BS.copy_(torch.where(valid_BS, new_step_BS, step_BS))
+        """``KVCache._renumber`` without its host reads: the keys are rotated only when the
+        host knows slots may have moved (``moved``), and then all of them (by zero where
+        nothing moved, which leaves a key exact)."""
+        shift_BS = self._renumber_coordinates()
         if self.rotary is None or not moved:
             return
+        S = self.length
         cos_B1Sd, sin_B1Sd = self.rotary.cos_sin(shift_BS)
         for k in self.k:
             if k is not None:
