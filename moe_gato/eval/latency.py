@@ -206,7 +206,7 @@ def measure_control_latency(model_or_policy, shape: str = "metaworld", steps: in
         torch.set_num_threads(threads)
     policy = model_or_policy
     if isinstance(model_or_policy, torch.nn.Module):
-        policy = make_policy(model_or_policy.to(device), use_cache=use_cache, device=device,
+        policy = make_policy(model_or_policy, use_cache=use_cache, device=device,
                              graphs=graphs)
     elif not hasattr(policy, "act") or not hasattr(policy, "reset"):
         raise ValueError(f"model_or_policy must be a GatoModel or a Policy, "

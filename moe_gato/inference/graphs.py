@@ -46,6 +46,13 @@ def supports_graphs(model) -> bool:
     return all(m.columns_supported() for m in model.modules() if isinstance(m, ModalityRoutedMoE))
 
 
+def check_graphs(model) -> None:
+    """A ValueError saying why, where ``model`` cannot run CUDA-graphed steps."""
+    if not supports_graphs(model):
+        raise ValueError("CUDA-graphed steps (graphs=True) need every MoE layer dropless "
+                         "(capacity_factor null), without added experts or expert parallelism")
+
+
 #: graphs kept at once (an evaluation over many tasks meets many call shapes); the oldest
 #: is let go first, and captured again if its shape comes back
 MAX_GRAPHS = 16
@@ -65,10 +72,7 @@ class StepGraphs:
     CUDA model); else the static-shape forward runs eagerly."""
 
     def __init__(self, model, cache: StaticKVCache, *, capture: bool, warmup: int = 2):
-        if not supports_graphs(model):
-            raise ValueError("CUDA-graphed steps need every MoE layer dropless "
-                             "(capacity_factor null), without added experts or expert "
-                             "parallelism")
+        check_graphs(model)
         if capture and not torch.cuda.is_available():
             raise ValueError("capture=True needs CUDA; on a CPU use capture=False")
         self.model, self.cache = model, cache

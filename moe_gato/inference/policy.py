@@ -91,12 +91,10 @@ class Policy:
         self.prompt_share = float(prompt_share)
         self.use_cache = use_cache
         if graphs:
-            from moe_gato.inference.graphs import supports_graphs
+            from moe_gato.inference.graphs import check_graphs
             if not use_cache:
                 raise ValueError("graphs=True needs use_cache=True (graphs replay cached steps)")
-            if not supports_graphs(model):
-                raise ValueError("graphs=True needs every MoE layer dropless (capacity_factor "
-                                 "null), without added experts or expert parallelism")
+            check_graphs(model)
         self.graphs = bool(graphs)
         self.steps = None  # StepGraphs of the static cache (graphs=True)
         self.seed = int(seed)

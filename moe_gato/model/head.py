@@ -50,8 +50,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 torch.mm(grad_nV, w_cast_VD, out=grad_x_ND[a:a + chunk])
             if need_w:  # accumulated in fp32 over the chunks
                 grad_w_VD.addmm_(grad_nV.t().float(), x_nD.float())
-        ctx.save_for_backward(grad_x_ND if need_x else None,
-                              grad_w_VD if need_w else None)
+        ctx.save_for_backward(grad_x_ND, grad_w_VD)  # None where not needed
         ctx.w_dtype = w_VD.dtype
         ctx.mark_non_differentiable(nll_N)
         return (nll_N * weight_N.float()).sum(), nll_N

@@ -69,9 +69,7 @@ class StaticKVCache(KVCache):
     def prepare(self, L: int) -> None:
         """Makes room for a call of ``L`` positions (compacting) and sets its write
         position; the call's slots count as live with no tag."""
-        C = self.valid_BC.shape[1]
-        if self.length + L > C:
-            self._compact(L)
+        self.reserve(L)
         n = self.length
         self.start_1.fill_(n)
         self.live_C[n:n + L] = True
@@ -146,10 +144,6 @@ class StaticKVCache(KVCache):
         return self.k[layer], self.v[layer]  # (B, H, C, Dh): every slot, masked
 
     # --- callers manage the slots with these (host decisions, no reads) ---------------
-    def reserve(self, n: int) -> None:
-        if self.length + n > self.valid_BC.shape[1]:
-            self._compact(n)
-
     def live(self) -> int:
         return int(self.live_C[:self.length].sum())
 
